@@ -1,0 +1,381 @@
+"""The job spec: one YAML file plus `key=value` overrides, validated into a frozen JobSpec.
+
+Every problem with a spec surfaces as a SpecError whose lines each name the field at fault.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+MAX_SIDE = 4096
+SEED_LIMIT = 2**63
+
+# Ray wants CPU and GPU through num_cpus/num_gpus and refuses them as custom resources.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+# Fields that decide what the images look like; a resumed job must match them exactly.
+GENERATION_FIELDS = (
+    "prior",
+    "decoder",
+    "height",
+    "width",
+    "images_per_prompt",
+    "seed",
+    "prior_steps",
+    "prior_timesteps",
+    "prior_guidance_scale",
+    "decoder_steps",
+    "decoder_guidance_scale",
+    "negative_prompt",
+    "dtype",
+    "prompt_column",
+    "id_column",
+    "negative_prompt_column",
+    "seed_column",
+    "height_column",
+    "width_column",
+    "format",
+    "quality",
+)
+
+SAMPLER_FIELDS = (
+    "prior_steps",
+    "prior_timesteps",
+    "prior_guidance_scale",
+    "decoder_steps",
+    "decoder_guidance_scale",
+)
+
+
+class SpecError(Exception):
+    """A job spec that cannot be read or does not validate."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Placement(_Frozen):
+    """How the stages are spread over the Ray cluster; does not change the images."""
+
+    prior_actors: StrictInt = Field(1, ge=1)
+    decoder_actors: StrictInt = Field(1, ge=1)
+    # 0 means auto: the driver decides from the cluster it finds.
+    prior_gpus: StrictFloat = Field(0.0, ge=0)
+    decoder_gpus: StrictFloat = Field(0.0, ge=0)
+    prior_batch_size: StrictInt = Field(8, ge=1)
+    decoder_batch_size: StrictInt = Field(8, ge=1)
+    writer_concurrency: StrictInt = Field(2, ge=1)
+    prior_resources: dict[str, StrictFloat] = Field(default_factory=dict)
+    decoder_resources: dict[str, StrictFloat] = Field(default_factory=dict)
+    # -1 is Ray's "retry forever".
+    max_restarts: StrictInt = Field(3, ge=-1)
+    max_task_retries: StrictInt = Field(3, ge=-1)
+
+    @field_validator("prior_gpus", "decoder_gpus")
+    @classmethod
+    def _whole_gpus_above_one(cls, gpus: float) -> float:
+        # Ray only splits a single GPU; above one it wants whole numbers.
+        if gpus > 1 and not gpus.is_integer():
+            raise ValueError(f"fractions are only allowed below 1 GPU (got {gpus})")
+        return gpus
+
+    @field_validator("prior_resources", "decoder_resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if not name:
+                raise ValueError("resource names must not be empty")
+            if name in RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r} is set by the *_gpus fields or by Ray, not as a custom resource")
+            if amount < 0:
+                raise ValueError(f"{name!r} must be >= 0 (got {amount})")
+        return resources
+
+
+def _check_location(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if value.startswith("s3://"):
+        bucket = value[len("s3://") :].split("/", 1)[0]
+        if not bucket:
+            raise ValueError(f"{value!r} names no bucket; expected s3://bucket/prefix")
+    return value
+
+
+class JobSpec(_Frozen):
+    """Everything one generation job needs: inputs, models, sampler, output, placement."""
+
+    prompts: str
+    prompt_column: str = "prompt"
+    id_column: str | None = None
+    negative_prompt_column: str | None = None
+    seed_column: str | None = None
+    height_column: str | None = None
+    width_column: str | None = None
+
+    output: str
+
+    prior: str = "warp-ai/wuerstchen-prior"
+    decoder: str = "warp-ai/wuerstchen"
+
+    height: StrictInt = Field(1024, gt=0, le=MAX_SIDE)
+    width: StrictInt = Field(1024, gt=0, le=MAX_SIDE)
+    images_per_prompt: StrictInt = Field(1, ge=1)
+    seed: StrictInt = Field(0, ge=0, lt=SEED_LIMIT)
+
+    prior_steps: StrictInt | None = Field(None, ge=1)
+    prior_timesteps: tuple[StrictFloat, ...] | None = None
+    prior_guidance_scale: StrictFloat = Field(4.0, ge=0)
+    decoder_steps: StrictInt = Field(12, ge=1)
+    decoder_guidance_scale: StrictFloat = Field(0.0, ge=0)
+    negative_prompt: str = ""
+
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    format: Literal["png", "jpeg", "webp"] = "png"
+    quality: StrictInt = Field(90, ge=1, le=100)
+
+    placement: Placement = Field(default_factory=Placement)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_location(cls, value: str) -> str:
+        return _check_location(value)
+
+    @field_validator(
+        "prompt_column",
+        "id_column",
+        "negative_prompt_column",
+        "seed_column",
+        "height_column",
+        "width_column",
+        "prior",
+        "decoder",
+    )
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_location(cls, value: str) -> str:
+        value = _check_location(value)
+        scheme, sep, _ = value.partition("://")
+        if sep and scheme != "s3":
+            raise ValueError(f"{value!r}: only local folders and s3:// URIs are supported")
+        return value
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format_alias(cls, value: Any) -> Any:
+        # "jpg" is what people type; the writer and PIL call it "jpeg".
+        return "jpeg" if value == "jpg" else value
+
+    @field_validator("prior_timesteps")
+    @classmethod
+    def _timesteps_schedule(cls, timesteps: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if timesteps is None:
+            return None
+        # The sampler steps from each timestep to the next, so it needs at least one pair.
+        if len(timesteps) < 2:
+            raise ValueError("needs at least 2 values")
+        for i, t in enumerate(timesteps):
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"value [{i}] = {t} is outside [0, 1]")
+        for i in range(1, len(timesteps)):
+            if timesteps[i] >= timesteps[i - 1]:
+                raise ValueError(
+                    f"must be strictly decreasing; [{i}] = {timesteps[i]} follows {timesteps[i - 1]}"
+                )
+        return timesteps
+
+    @model_validator(mode="after")
+    def _one_prior_schedule(self) -> JobSpec:
+        if self.prior_steps is not None and self.prior_timesteps is not None:
+            raise ValueError("prior_steps, prior_timesteps: set one or the other, not both")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        """Validates a plain mapping (as read from YAML), raising SpecError."""
+        if not isinstance(data, dict):
+            raise SpecError(f"job spec: expected a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise SpecError(_describe(err)) from None
+
+    def with_overrides(self, overrides: list[str]) -> JobSpec:
+        """A copy with `key=value` overrides applied and the result validated again."""
+        return JobSpec.from_dict(apply_overrides(self.model_dump(), overrides))
+
+    def generation_params(self) -> dict[str, Any]:
+        """The fields that decide image content, as JSON-ready values (tuples become lists)."""
+        return self.model_dump(mode="json", include=set(GENERATION_FIELDS))
+
+    def sampler_params(self) -> dict[str, Any]:
+        """The sampler settings alone, as recorded with each image in the manifest."""
+        return self.model_dump(mode="json", include=set(SAMPLER_FIELDS))
+
+
+def default_spec(prompts: str, output: str, **fields: Any) -> JobSpec:
+    """A spec with defaults for everything but the given fields."""
+    return JobSpec.from_dict({"prompts": prompts, "output": output, **fields})
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Reads a YAML job spec, applies `key=value` overrides, and validates it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: malformed YAML: {_yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise SpecError(f"{path}: the top level must be a mapping of fields, got {got}")
+    return JobSpec.from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of `data` with each `dotted.key=value` set; values are parsed as YAML."""
+    data = _deep_copy(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError(f"override {override!r}: expected key=value")
+        path = key.split(".")
+        _check_override_key(key, path)
+        value = _parse_override_value(key, raw)
+        target = data
+        for depth, part in enumerate(path[:-1]):
+            child = target.get(part)
+            if child is None:
+                child = target[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise SpecError(f"override {key}: {where} is not a mapping")
+            target = child
+        target[path[-1]] = value
+    return data
+
+
+def _check_override_key(key: str, path: list[str]) -> None:
+    model: type[BaseModel] | None = JobSpec
+    for depth, part in enumerate(path):
+        if model is None:
+            raise SpecError(f"override {key}: unknown field {'.'.join(path[: depth + 1])}")
+        field = model.model_fields.get(part)
+        if field is None:
+            raise SpecError(f"override {key}: unknown field {'.'.join(path[: depth + 1])}")
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif getattr(annotation, "__origin__", None) is dict and depth + 2 == len(path):
+            return  # a key inside a mapping field, e.g. placement.prior_resources.accel=1
+        else:
+            model = None
+    if model is not None:
+        raise SpecError(f"override {key}: {key} is a group of fields; set one of them")
+
+
+def _parse_override_value(key: str, raw: str) -> Any:
+    # `negative_prompt=` means the empty string, not YAML's null.
+    if raw.strip() == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise SpecError(f"override {key}: value {raw!r} is not valid YAML: {_yaml_problem(err)}") from None
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return problem
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "literal_error": "must be one of {expected}",
+    "extra_forbidden": "unknown field",
+    "missing": "required field is missing",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "tuple_type": "must be a list",
+}
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors(include_url=False):
+        loc = _field_path(problem["loc"])
+        kind = problem["type"]
+        if kind in _MESSAGES:
+            ctx = {name: _plain_number(value) for name, value in problem.get("ctx", {}).items()}
+            message = _MESSAGES[kind].format(**ctx)
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+        if kind not in ("missing", "extra_forbidden", "value_error"):
+            message += f" (got {_short_repr(problem['input'])})"
+        lines.append(f"{loc}: {message}" if loc else message)
+    return "\n".join(lines)
+
+
+def _field_path(loc: tuple[str | int, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _plain_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
