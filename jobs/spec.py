@@ -73,9 +73,12 @@ class Placement(_Frozen):
 
     prior_actors: StrictInt = Field(1, ge=1)
     decoder_actors: StrictInt = Field(1, ge=1)
-    # 0 means auto: the driver decides from the cluster it finds.
-    prior_gpus: StrictFloat = Field(0.0, ge=0)
-    decoder_gpus: StrictFloat = Field(0.0, ge=0)
+    # None means auto: one GPU per actor when the cluster has GPUs, else none; 0 forces the CPU.
+    prior_gpus: StrictFloat | None = Field(None, ge=0)
+    decoder_gpus: StrictFloat | None = Field(None, ge=0)
+    prior_cpus: StrictFloat = Field(1.0, gt=0)
+    decoder_cpus: StrictFloat = Field(1.0, gt=0)
+    writer_cpus: StrictFloat = Field(0.5, gt=0)
     prior_batch_size: StrictInt = Field(8, ge=1)
     decoder_batch_size: StrictInt = Field(8, ge=1)
     writer_concurrency: StrictInt = Field(2, ge=1)
@@ -87,9 +90,9 @@ class Placement(_Frozen):
 
     @field_validator("prior_gpus", "decoder_gpus")
     @classmethod
-    def _whole_gpus_above_one(cls, gpus: float) -> float:
+    def _whole_gpus_above_one(cls, gpus: float | None) -> float | None:
         # Ray only splits a single GPU; above one it wants whole numbers.
-        if gpus > 1 and not gpus.is_integer():
+        if gpus is not None and gpus > 1 and not gpus.is_integer():
             raise ValueError(f"fractions are only allowed below 1 GPU (got {gpus})")
         return gpus
 

@@ -114,24 +114,26 @@ class Attention(nn.Module):
 
 
 def _fuse_qkv(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    names = [f"{prefix}to_{n}.{p}" for n in "qkv" for p in ("weight", "bias")]
-    if not all(name in state_dict for name in names):
-        return  # leave the keys as they are, so strict loading names what is missing
-    for p, fused in (("weight", module.to_qkv.weight), ("bias", module.to_qkv.bias)):
-        parts = [state_dict[f"{prefix}to_{n}.{p}"] for n in "qkv"]
-        expected = (module.inner, *fused.shape[1:])
-        bad = [(n, t) for n, t in zip("qkv", parts, strict=True) if tuple(t.shape) != expected]
-        if bad:
-            for n, t in bad:
-                error_msgs.append(f"size mismatch for {prefix}to_{n}.{p}: copying a param with shape "
-                                  f"{tuple(t.shape)} from checkpoint, the shape in current model is {expected}.")
-            return
-        state_dict[f"{prefix}to_qkv.{p}"] = torch.cat(parts, dim=0)
-        for n in "qkv":
-            del state_dict[f"{prefix}to_{n}.{p}"]
+    # Problems are reported under the checkpoint's key names, which are the ones a user can look up. A part that
+    # is missing or misshapen is replaced by the module's own tensor, so that torch does not report the fused
+    # key a second time; the load fails on the reported problem all the same.
+    def take(key: str, expected: tuple) -> torch.Tensor | None:
+        tensor = state_dict.pop(key, None)
+        if tensor is None:
+            missing_keys.append(key)
+        elif tuple(tensor.shape) != expected:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(tensor.shape)} from "
+                              f"checkpoint, the shape in current model is {expected}.")
+            return None
+        return tensor
+
     for p in ("weight", "bias"):
-        if f"{prefix}to_out.0.{p}" in state_dict:
-            state_dict[f"{prefix}to_out.{p}"] = state_dict.pop(f"{prefix}to_out.0.{p}")
+        fused, out = getattr(module.to_qkv, p), getattr(module.to_out, p)
+        parts = [take(f"{prefix}to_{n}.{p}", (module.inner, *fused.shape[1:])) for n in "qkv"]
+        ok = all(part is not None for part in parts)
+        state_dict[f"{prefix}to_qkv.{p}"] = torch.cat(parts, dim=0) if ok else fused
+        part = take(f"{prefix}to_out.0.{p}", tuple(out.shape))
+        state_dict[f"{prefix}to_out.{p}"] = out if part is None else part
 
 
 def _split_qkv(module, state_dict, prefix, local_metadata):

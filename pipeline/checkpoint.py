@@ -57,7 +57,7 @@ def component_kind(folder: Path, config: dict) -> str:
     for kind, (name, _, _) in COMPONENTS.items():
         if class_name == name:
             return kind
-    if folder.name in COMPONENTS:
+    if class_name is None and folder.name in COMPONENTS:
         return folder.name
     raise CheckpointError(f"{folder / 'config.json'}: _class_name {class_name!r} is not one of "
                           f"{', '.join(name for name, _, _ in COMPONENTS.values())}")
@@ -73,27 +73,42 @@ def build_config(kind: str, config: dict, path: Path):
     return config_type(**values)
 
 
+def read_config(folder: Path, kind: str):
+    """The config dataclass of a component folder, checked to be of the expected kind."""
+    path = folder / "config.json"
+    raw = read_json(path)
+    found = component_kind(folder, raw)
+    if found != kind:
+        raise CheckpointError(f"{path}: a {found} config where a {kind} was expected")
+    return build_config(kind, raw, path)
+
+
+def is_half_variant(name: str) -> bool:
+    """Whether a weight file belongs to the fp16 variant: `x.fp16.safetensors`, and when sharded
+    `x.safetensors.index.fp16.json` with shards `x.fp16-00001-of-00002.safetensors`."""
+    return f".{HALF_VARIANT}." in name or f".{HALF_VARIANT}-" in name
+
+
 def weight_files(folder: Path, prefer_half: bool) -> list[Path]:
     """The safetensors files holding a component's weights, sharded or not, fp16 variant where preferred."""
-    stems = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    index_names = [n for n in stems if n.endswith(".safetensors.index.json")]
-    single_names = [n for n in stems if n.endswith(".safetensors")]
-
-    def variant_first(names: list[str]) -> list[str]:
-        half = [n for n in names if f".{HALF_VARIANT}." in n]
-        full = [n for n in names if f".{HALF_VARIANT}." not in n]
-        return half + full if prefer_half else full + half
-
-    for name in variant_first(index_names):
-        index = read_json(folder / name)
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        if not shards:
-            raise CheckpointError(f"{folder / name}: no weight_map")
-        return [folder / shard for shard in shards]
-    singles = [n for n in single_names if "-of-" not in n]
-    if singles:
-        return [folder / variant_first(singles)[0]]
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    index_suffixes = (".safetensors.index.json", f".safetensors.index.{HALF_VARIANT}.json")
+    index_names = [n for n in names if n.endswith(index_suffixes)]
+    single_names = [n for n in names if n.endswith(".safetensors") and "-of-" not in n]  # not a shard
+    for half in (True, False) if prefer_half else (False, True):
+        for name in index_names:
+            if is_half_variant(name) != half:
+                continue
+            index = read_json(folder / name)
+            weight_map = index.get("weight_map")
+            shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+            if not shards:
+                raise CheckpointError(f"{folder / name}: no weight_map")
+            return [folder / shard for shard in shards]
+        for name in single_names:
+            if is_half_variant(name) == half:
+                return [folder / name]
+    pickles = [n for n in names if Path(n).suffix in PICKLE_SUFFIXES]
     if pickles:
         raise CheckpointError(f"{folder}: only pickle weights ({', '.join(pickles)}); they are never loaded because "
                               "unpickling can run arbitrary code. Convert them to .safetensors.")
@@ -150,8 +165,8 @@ def hub_patterns(repo_files: list[str], kind: str, prefer_half: bool) -> list[st
             continue
         patterns += [f for f in names if f.endswith(".json") and ".safetensors" not in f]
         weights = [f for f in names if ".safetensors" in f]
-        half = [f for f in weights if f".{HALF_VARIANT}." in f]
-        full = [f for f in weights if f".{HALF_VARIANT}." not in f]
+        half = [f for f in weights if is_half_variant(f)]
+        full = [f for f in weights if not is_half_variant(f)]
         patterns += (half or full) if prefer_half else (full or half)
     return patterns
 

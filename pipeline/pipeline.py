@@ -1,6 +1,5 @@
 """Text-to-image: the prior half (prompts → Stage C latents) and the decoder half (latents → images)."""
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from PIL import Image
 
 from . import inputs
 from .checkpoint import default_device, default_dtype, load_component, pipeline_folder, resolve_checkpoint
+from .geometry import Geometry
 from .noise import ImageNoise, decoder_seed
 from .sampler import DEFAULT_PRIOR_TIMESTEPS, as_timesteps, evenly_spaced_timesteps, sample
 from .text import TextEncoder
@@ -71,7 +71,7 @@ class PriorPipeline:
         return next(self.prior.parameters()).dtype
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        return math.ceil(height / self.resolution_multiple), math.ceil(width / self.resolution_multiple)
+        return Geometry(resolution_multiple=self.resolution_multiple).prior_latent(height, width)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int], negative_prompts: list[str] | None = None,
@@ -134,22 +134,16 @@ class DecoderPipeline:
     def dtype(self) -> torch.dtype:
         return next(self.decoder.parameters()).dtype
 
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(latent_dim_scale=self.latent_dim_scale, decoder_unit=self.decoder.config.downscale,
+                        vqgan_upscale=self.vqgan.config.upscale)
+
     def latent_size(self, prior_height: int, prior_width: int) -> tuple[int, int]:
-        return int(prior_height * self.latent_dim_scale), int(prior_width * self.latent_dim_scale)
+        return self.geometry.decoder_latent(prior_height, prior_width)
 
     def check_prior_latent_size(self, prior_height: int, prior_width: int, what: str = "height/width") -> None:
-        """Stage B halves its latent per level and joins skips by shape, so each side must divide evenly."""
-        unit = self.decoder.config.downscale
-        h, w = self.latent_size(prior_height, prior_width)
-        if h < unit or w < unit or h % unit or w % unit:
-            raise ValueError(f"{what}: Stage B's latent would be {h}×{w}, which this decoder cannot process; "
-                             f"each side must be a positive multiple of {unit}")
-
-    def image_size(self, prior_height: int, prior_width: int) -> tuple[int, int]:
-        """The pixel size of decoded images: Stage A upsamples its latent by 2 per level."""
-        scale = self.vqgan.config.up_down_scale_factor * 2 ** (self.vqgan.config.levels - 1)
-        h, w = self.latent_size(prior_height, prior_width)
-        return h * scale, w * scale
+        self.geometry.check_prior_latent(prior_height, prior_width, what)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, prompts: list[str], seeds: list[int],

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import weight_files
+from .checkpoint import HALF_VARIANT, is_half_variant, weight_files
 from .errors import CheckpointError
 
 
@@ -28,7 +28,10 @@ class TextEncoder:
         from transformers import CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as hf_logging
 
-        weight_files(encoder_dir, prefer_half=False)  # refuses pickle-only folders before transformers sees them
+        # Refuses pickle-only folders before transformers sees them, and finds the variant to ask for: a hub
+        # download for a half-precision dtype holds only the fp16 weights where the repository has them.
+        files = weight_files(encoder_dir, prefer_half=dtype != torch.float32)
+        variant = HALF_VARIANT if is_half_variant(files[0].name) else None
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
         except Exception as e:
@@ -37,7 +40,7 @@ class TextEncoder:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # a CLIPTextModelWithProjection checkpoint's unused projection is expected
         try:
-            model = CLIPTextModel.from_pretrained(str(encoder_dir), use_safetensors=True, dtype=dtype)
+            model = CLIPTextModel.from_pretrained(str(encoder_dir), use_safetensors=True, dtype=dtype, variant=variant)
         except Exception as e:
             raise CheckpointError(f"{encoder_dir}: cannot load the CLIP text encoder ({e})") from None
         finally:

@@ -18,6 +18,11 @@ class VQGANConfig:
     num_vq_embeddings: int = 8192
     scale_factor: float = 0.3764
 
+    @property
+    def upscale(self) -> int:
+        """Pixels per latent pixel, per side."""
+        return self.up_down_scale_factor * 2 ** (self.levels - 1)
+
 
 class MixingResidualBlock(nn.Module):
     def __init__(self, c: int, embed_dim: int):

@@ -37,7 +37,7 @@ def test_minimal_spec_gets_documented_defaults(tmp_path):
     assert (spec.format, spec.quality) == ("png", 90)
     placement = spec.placement
     assert (placement.prior_actors, placement.decoder_actors) == (1, 1)
-    assert (placement.prior_gpus, placement.decoder_gpus) == (0, 0)
+    assert (placement.prior_gpus, placement.decoder_gpus) == (None, None)
     assert (placement.prior_batch_size, placement.decoder_batch_size) == (8, 8)
     assert placement.writer_concurrency == 2
     assert placement.prior_resources == {} and placement.decoder_resources == {}

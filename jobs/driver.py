@@ -1,0 +1,150 @@
+"""The driver: checks the spec against its output, plans the work, and runs the Ray Data chain
+read → prior → decoder → write, with progress, resume and a final summary."""
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from pipeline.checkpoint import resolve_checkpoint
+from pipeline.geometry import Geometry
+from workers.decoder_stage import DecoderStage
+from workers.faults import FAULTS_ENV
+from workers.prior_stage import PriorStage
+from workers.writer_stage import write_images
+
+from .manifest import latest_status, read_job_params, read_manifest, summarize, write_job_params, write_summary
+from .plan import Plan, ReadUnit, plan_job, unit_images
+from .spec import JobSpec
+from .storage import Output, open_output
+
+log = logging.getLogger("wurstfabrik")
+
+
+class JobError(Exception):
+    """A job that cannot start or resume as asked; the message says why and what to do."""
+
+
+@dataclass
+class JobResult:
+    summary: dict
+    output: str
+
+    @property
+    def failed(self) -> int:
+        return self.summary["status"].get("failed", 0)
+
+
+def job_id(spec: JobSpec) -> str:
+    """Names the set of images a spec describes: a hash of the fields that decide their content."""
+    params = json.dumps(spec.generation_params(), sort_keys=True)
+    return hashlib.sha256(params.encode()).hexdigest()[:16]
+
+
+def done_images(output: Output, current_job: str) -> set[tuple[str, int]]:
+    table = read_manifest(output)
+    return {key for key, row in latest_status(table).items() if row["status"] == "ok" and row["job_id"] == current_job}
+
+
+def check_resume(spec: JobSpec, output: Output, force: bool) -> None:
+    recorded = read_job_params(output)
+    if recorded is None or recorded.get("params") == spec.generation_params() or force:
+        return
+    changed = sorted(k for k in spec.generation_params() if recorded.get("params", {}).get(k) != getattr(spec, k))
+    raise JobError(f"{spec.output} holds images made with other generation parameters (changed: "
+                   f"{', '.join(changed) or 'unknown'}); name a new output, or pass --force to regenerate them all")
+
+
+def local_geometry(spec: JobSpec) -> Geometry:
+    """Image sizes as the checkpoints define them, read from local folders (published values for hub ids)."""
+    def local(name: str, kind: str) -> Path | None:
+        path = Path(os.path.expanduser(name))
+        return resolve_checkpoint(name, kind) if path.exists() else None
+    return Geometry.from_checkpoints(local(spec.prior, "prior"), local(spec.decoder, "decoder"))
+
+
+def connect_ray() -> None:
+    """Joins the cluster in RAY_ADDRESS (as under `ray job submit`), or starts a local Ray in-process."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows its own
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def stage_gpus(requested: float | None) -> float:
+    if requested is not None:
+        return requested
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def read_unit(item: dict, spec: JobSpec, geometry: Geometry) -> list[dict]:
+    return unit_images(spec, geometry, ReadUnit(**item))
+
+
+def build_dataset(spec: JobSpec, plan: Plan, geometry: Geometry, current_job: str) -> "ray.data.Dataset":
+    """The whole dataflow: one read task per row group, then two GPU actor pools, then CPU writers."""
+    place = spec.placement
+    env = {FAULTS_ENV: os.environ[FAULTS_ENV]} if os.environ.get(FAULTS_ENV) else {}
+    runtime_env = {"env_vars": env} if env else None
+    actor_args = {"max_restarts": place.max_restarts, "max_task_retries": place.max_task_retries}
+    # Ray 2.60 has no named parameter for actor restarts; its generic remote args warn of deprecation.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+    return (
+        ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units)))
+        .flat_map(read_unit, fn_kwargs={"spec": spec, "geometry": geometry}, num_cpus=0.25,
+                  runtime_env=runtime_env)
+        .map_batches(PriorStage, fn_constructor_kwargs={"spec": spec}, batch_size=place.prior_batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=place.prior_actors), num_gpus=stage_gpus(place.prior_gpus),
+                     num_cpus=place.prior_cpus, resources=place.prior_resources or None, runtime_env=runtime_env,
+                     **actor_args)
+        .map_batches(DecoderStage, fn_constructor_kwargs={"spec": spec}, batch_size=place.decoder_batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=place.decoder_actors),
+                     num_gpus=stage_gpus(place.decoder_gpus), num_cpus=place.decoder_cpus,
+                     resources=place.decoder_resources or None, runtime_env=runtime_env, **actor_args)
+        .map_batches(write_images, fn_kwargs={"spec": spec, "job_id": current_job}, batch_size=None,
+                     num_cpus=place.writer_cpus, compute=ray.data.TaskPoolStrategy(size=place.writer_concurrency),
+                     runtime_env=runtime_env)
+    )
+
+
+def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobResult:
+    """Generates every image of the spec that its output does not hold yet."""
+    started = time.perf_counter()
+    output = open_output(spec.output)
+    output.check_writable()
+    check_resume(spec, output, force)
+    current_job = job_id(spec)
+    geometry = local_geometry(spec)
+    plan = plan_job(spec, geometry, done_images(output, current_job))
+    write_job_params(output, {"job_id": current_job, "params": spec.generation_params(),
+                              "total_images": plan.total_images, "spec": spec.model_dump(mode="json")})
+    log.info("%d images in all, %d already done, %d to generate", plan.total_images, plan.done_images,
+             plan.pending_images)
+    if plan.units:
+        connect_ray()
+        bar = tqdm(total=plan.total_images, initial=plan.done_images, unit="img", disable=not progress,
+                   desc="images", dynamic_ncols=True)
+        failed = 0
+        with bar:
+            for batch in build_dataset(spec, plan, geometry, current_job).iter_batches(batch_size=None):
+                failed += int((batch["status"] == "failed").sum())
+                bar.update(len(batch["status"]))
+                bar.set_postfix(failed=failed)
+    table = read_manifest(output)
+    table = table.filter(table.column("job_id").to_numpy(zero_copy_only=False) == current_job)
+    summary = summarize(table, elapsed_s=time.perf_counter() - started)
+    summary.update(job_id=current_job, total_images=plan.total_images, generated_now=plan.pending_images,
+                   missing=max(0, plan.total_images - sum(summary["status"].values())), output=spec.output)
+    write_summary(output, summary)
+    return JobResult(summary, spec.output)

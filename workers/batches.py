@@ -1,0 +1,24 @@
+"""Helpers shared by the stage adapters: Ray Data batches as rows, grouped by shape."""
+
+from collections import defaultdict
+
+import numpy as np
+
+
+def group_rows(batch: dict[str, np.ndarray], key_columns: tuple[str, ...]) -> dict[tuple, list[int]]:
+    """Indices of the rows without an error, grouped by the values of `key_columns`: a model batch never
+    mixes shapes. Errors are strings, "" for none (a column of Nones would not survive Arrow as strings)."""
+    groups = defaultdict(list)
+    for i, error in enumerate(batch["error"]):
+        if not error:
+            groups[tuple(int(batch[c][i]) for c in key_columns)].append(i)
+    return dict(groups)
+
+
+def column(values: list, dtype=None) -> np.ndarray:
+    """A batch column from a list, kept one-dimensional even when its items are sequences."""
+    if dtype is not None:
+        return np.asarray(values, dtype=dtype)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out

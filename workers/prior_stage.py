@@ -1,0 +1,48 @@
+"""The prior stage: a Ray Data actor that holds the prior half of the pipeline on its device."""
+
+import time
+
+import numpy as np
+
+from pipeline import PriorPipeline
+
+from .batches import column, group_rows
+from .faults import maybe_kill
+
+
+class PriorStage:
+    """Adds each image's Stage C latent (float32 bytes and shape), its truncation flag and prior seconds."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.pipe = PriorPipeline.from_pretrained(spec.prior, dtype=spec.dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        maybe_kill("prior")
+        n = len(batch["prompt_id"])
+        batch.setdefault("error", column([""] * n))
+        errors = list(batch["error"])
+        latents, shapes = [b""] * n, [[0, 0, 0]] * n
+        truncated, seconds = [False] * n, [0.0] * n
+        spec = self.spec
+        for (height, width), rows in group_rows(batch, ("height", "width")).items():
+            start = time.perf_counter()
+            try:
+                result = self.pipe([str(batch["prompt"][i]) for i in rows], [int(batch["seed"][i]) for i in rows],
+                                   [str(batch["negative_prompt"][i]) for i in rows], height, width,
+                                   timesteps=spec.prior_timesteps, steps=spec.prior_steps,
+                                   guidance_scale=spec.prior_guidance_scale)
+            except Exception as e:  # the rows fail, the job goes on; the manifest records why
+                for i in rows:
+                    errors[i] = f"prior: {type(e).__name__}: {e}"
+                continue
+            per_image = (time.perf_counter() - start) / len(rows)
+            array = result.latents.float().cpu().numpy()
+            for j, i in enumerate(rows):
+                latents[i] = array[j].tobytes()
+                shapes[i] = list(array[j].shape)
+                truncated[i] = result.truncated[j]
+                seconds[i] = per_image
+        batch.update(latent=column(latents), latent_shape=column(shapes), truncated=column(truncated, bool),
+                     prior_s=column(seconds, np.float64), error=column(errors))
+        return batch
