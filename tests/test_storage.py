@@ -1,0 +1,240 @@
+"""Tests for jobs.storage against local folders and a real S3-compatible server (rclone)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.storage import (
+    LocalOutput,
+    S3Output,
+    S3Settings,
+    StorageError,
+    open_output,
+    parquet_filesystem,
+    safe_key,
+)
+
+MiB = 1024 * 1024
+UNSAFE_KEYS = ["../x", "/abs", "a/../../b", "a\\b", "", "a//b", "a/./b", "a/", "a\x00b", "a\nb"]
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return open_output(str(tmp_path / "out"))
+    request.getfixturevalue("s3_env")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_output(f"s3://{bucket}/runs/one")
+
+
+def test_round_trip(output):
+    output.check_writable()
+    uri = output.put("images/ab/x_0.png", b"png bytes", content_type="image/png")
+    output.put("images/cd/y_0.png", b"other")
+    output.put("manifest.jsonl", b"{}\n")
+
+    assert uri == output.uri("images/ab/x_0.png")
+    assert uri.startswith(output.root_uri + "/")
+    assert output.get("images/ab/x_0.png") == b"png bytes"
+    assert output.get("images/missing.png") is None
+    assert output.exists("images/cd/y_0.png")
+    assert not output.exists("images/missing.png")
+    assert sorted(output.list()) == ["images/ab/x_0.png", "images/cd/y_0.png", "manifest.jsonl"]
+    assert sorted(output.list("images/")) == ["images/ab/x_0.png", "images/cd/y_0.png"]
+    assert output.list("images/a") == ["images/ab/x_0.png"]
+    assert output.list("nothing/") == []
+
+    output.put("images/ab/x_0.png", b"replaced")
+    assert output.get("images/ab/x_0.png") == b"replaced"
+    output.delete("images/ab/x_0.png")
+    output.delete("images/ab/x_0.png")
+    assert not output.exists("images/ab/x_0.png")
+    assert sorted(output.list()) == ["images/cd/y_0.png", "manifest.jsonl"]
+
+
+@pytest.mark.parametrize("key", UNSAFE_KEYS)
+def test_unsafe_keys_are_rejected(output, key):
+    with pytest.raises(StorageError, match="unsafe storage key"):
+        output.put(key, b"x")
+    with pytest.raises(StorageError, match="unsafe storage key"):
+        output.get(key)
+    assert output.list() == []
+
+
+def test_safe_key_names_the_key():
+    with pytest.raises(StorageError, match=r"'a/\.\./\.\./b'"):
+        safe_key("a/../../b")
+    assert safe_key("images/ab/x_0.png") == "images/ab/x_0.png"
+
+
+def test_local_write_leaves_no_temp_files(tmp_path):
+    output = LocalOutput(tmp_path)
+    for index in range(5):
+        output.put(f"a/b/{index}.bin", os.urandom(1000))
+    output.check_writable()
+    assert sorted(path.name for path in (tmp_path / "a" / "b").iterdir()) == [f"{i}.bin" for i in range(5)]
+    assert [path.name for path in tmp_path.iterdir()] == ["a"]
+
+
+def test_local_symlink_out_of_root_is_rejected(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "escape").symlink_to(outside)
+    with pytest.raises(StorageError, match="outside the output root"):
+        LocalOutput(root).put("escape/x.png", b"x")
+    assert list(outside.iterdir()) == []
+
+
+def test_local_root_that_is_a_file_is_not_writable(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError, match="not a folder"):
+        open_output(f"file://{tmp_path / 'file'}").check_writable()
+
+
+def test_open_output_parses_uris(tmp_path, s3_env):
+    assert isinstance(open_output(f"file://{tmp_path}"), LocalOutput)
+    assert open_output(f"file://{tmp_path}").root_uri == tmp_path.as_uri()
+    s3 = open_output("s3://bucket/some/prefix/")
+    assert isinstance(s3, S3Output)
+    assert (s3.bucket, s3.prefix, s3.root_uri) == ("bucket", "some/prefix", "s3://bucket/some/prefix")
+    assert open_output("s3://bucket").uri("k") == "s3://bucket/k"
+    for bad in ("s3://", "s3://bucket/../x", "gs://bucket/x"):
+        with pytest.raises(StorageError, match=re.escape(bad)):
+            open_output(bad)
+
+
+def test_large_object_goes_through_multipart(s3_env, s3_bucket):
+    settings = S3Settings(multipart_threshold=6 * MiB, multipart_chunksize=5 * MiB)
+    output = open_output(f"s3://{s3_bucket}/big", settings)
+    parts = []
+    output.client.meta.events.register("before-call.s3.UploadPart", lambda **kwargs: parts.append(1))
+    data = os.urandom(13 * MiB)
+
+    output.put("large.bin", data, content_type="application/octet-stream")
+
+    assert len(parts) == 3
+    assert output.get("large.bin") == data
+    head = output.client.head_object(Bucket=s3_bucket, Key="big/large.bin")
+    assert head["ContentType"] == "application/octet-stream"
+
+
+def test_small_object_is_a_single_put(s3_env, s3_bucket):
+    output = open_output(f"s3://{s3_bucket}", S3Settings(multipart_threshold=6 * MiB))
+    calls = []
+    output.client.meta.events.register("before-call.s3", lambda model, **kwargs: calls.append(model.name))
+    output.put("small.bin", b"x" * MiB)
+    assert calls == ["PutObject"]
+
+
+def test_list_is_paginated(s3_env, s3_bucket):
+    output = open_output(f"s3://{s3_bucket}")
+    keys = [f"k/{index:02d}" for index in range(7)]
+    for key in keys:
+        output.put(key, b"")
+    pages = []
+    output.client.meta.events.register("before-call.s3.ListObjectsV2", lambda **kwargs: pages.append(1))
+    output.client.meta.events.register(
+        "before-parameter-build.s3.ListObjectsV2", lambda params, **kwargs: params.update(MaxKeys=3)
+    )
+    assert output.list() == keys
+    assert len(pages) == 3
+
+
+def test_wrong_secret_is_reported_without_leaking_it(s3_env, s3_bucket, monkeypatch):
+    wrong_secret = "wrong-secret-value-1234567890"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
+    output = open_output(f"s3://{s3_bucket}/x")
+    with pytest.raises(StorageError) as check:
+        output.check_writable()
+    with pytest.raises(StorageError) as put:
+        output.put("a.png", b"x")
+    assert "access denied" in str(check.value)
+    assert "rejected the credentials (SignatureDoesNotMatch)" in str(put.value)
+    for error in (check.value, put.value):
+        assert f"s3://{s3_bucket}/x" in str(error)
+        for secret in (wrong_secret, s3_env.secret_key, s3_env.access_key):
+            assert secret not in str(error)
+            assert secret not in str(error.__cause__)
+
+
+def test_unknown_access_key_is_reported(s3_env, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unknown-access-key")
+    with pytest.raises(StorageError, match="rejected the credentials") as put:
+        open_output(f"s3://{s3_bucket}").put("a.png", b"x")
+    assert "unknown-access-key" not in str(put.value)
+
+
+def test_missing_bucket_is_reported(s3_env):
+    output = open_output("s3://no-such-bucket-here/out")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
+        output.check_writable()
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
+        output.put("a.png", b"x")
+
+
+def test_unreachable_endpoint_is_reported_quickly(s3_env, monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    output = open_output("s3://bucket/out", S3Settings(max_attempts=1, connect_timeout=1))
+    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {endpoint}"):
+        output.check_writable()
+
+
+def test_attempts_come_from_settings_then_environment(s3_env, monkeypatch):
+    assert open_output("s3://bucket").client.meta.config.retries["total_max_attempts"] == 5
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert open_output("s3://bucket").client.meta.config.retries["total_max_attempts"] == 2
+    output = open_output("s3://bucket", S3Settings(max_attempts=1))
+    assert output.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 1}
+
+
+def test_missing_credentials_are_reported(s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StorageError, match="no S3 credentials found"):
+        open_output("s3://bucket/out").check_writable()
+    with pytest.raises(StorageError, match="no S3 credentials found"):
+        parquet_filesystem("s3://bucket/in.parquet")
+
+
+def test_s3_output_pickles(s3_env, s3_bucket):
+    output = open_output(f"s3://{s3_bucket}/p")
+    output.put("before.txt", b"1")
+    copy = pickle.loads(pickle.dumps(output))
+    assert copy.get("before.txt") == b"1"
+    copy.put("after.txt", b"2")
+    assert output.get("after.txt") == b"2"
+    assert copy.root_uri == output.root_uri
+
+
+def test_parquet_filesystem_reads_from_s3(s3_env, s3_bucket):
+    table = pa.table({"prompt": ["a sausage", "a factory"], "seed": [1, 2]})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    open_output(f"s3://{s3_bucket}").put("inputs/prompts.parquet", buffer.getvalue())
+
+    filesystem, path = parquet_filesystem(f"s3://{s3_bucket}/inputs/prompts.parquet")
+
+    assert path == f"{s3_bucket}/inputs/prompts.parquet"
+    assert pq.read_table(path, filesystem=filesystem).equals(table)
+
+
+def test_parquet_filesystem_reads_local(tmp_path):
+    table = pa.table({"prompt": ["a sausage"]})
+    pq.write_table(table, tmp_path / "in.parquet")
+    filesystem, path = parquet_filesystem(f"file://{tmp_path}/in.parquet")
+    assert path == str(tmp_path / "in.parquet")
+    assert pq.read_table(path, filesystem=filesystem).equals(table)
