@@ -72,12 +72,11 @@ def local_geometry(spec: JobSpec) -> Geometry:
 
 def connect_ray() -> None:
     """Joins the cluster in RAY_ADDRESS (as under `ray job submit`), or starts a local Ray in-process."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level=logging.WARNING)
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows its own
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 

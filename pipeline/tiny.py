@@ -102,6 +102,15 @@ def write_text_encoder(folder: Path, vocab: dict[str, int], width: int, seed: in
     CLIPTextModel(config).eval().save_pretrained(str(folder), safe_serialization=True)
 
 
+def tame(module: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module:
+    """Shrinks the output head's weights, as training leaves them: with default init the predicted noise
+    of a random Stage C or B is huge, and sampling amplifies rounding into visible differences."""
+    with torch.no_grad():
+        head.weight.mul_(0.02)
+        head.bias.zero_()
+    return module
+
+
 def write_component(folder: Path, module: torch.nn.Module) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": CLASS_NAMES[type(module)], **asdict(module.config)}
@@ -129,13 +138,15 @@ def write_tiny_checkpoints(out_dir, seed: int = 0) -> tuple[Path, Path]:
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
 
     torch.manual_seed(seed)
-    write_component(prior_dir / "prior", StageC(TINY_PRIOR))
+    prior = StageC(TINY_PRIOR)
+    write_component(prior_dir / "prior", tame(prior, prior.out[1]))
     write_index(prior_dir, "WuerstchenPriorPipeline", {"prior": ("wuerstchen", "WuerstchenPrior"),
                             "text_encoder": ("transformers", "CLIPTextModel"),
                             "tokenizer": ("transformers", "CLIPTokenizer"),
                             "scheduler": ("diffusers", "DDPMWuerstchenScheduler")},
                 latent_mean=42.0, latent_std=1.0, resolution_multiple=42.67)
-    write_component(decoder_dir / "decoder", StageB(TINY_DECODER))
+    decoder = StageB(TINY_DECODER)
+    write_component(decoder_dir / "decoder", tame(decoder, decoder.clf[1]))
     write_component(decoder_dir / "vqgan", StageA(TINY_VQGAN))
     write_index(decoder_dir, "WuerstchenDecoderPipeline", {"decoder": ("wuerstchen", "WuerstchenDiffNeXt"),
                               "vqgan": ("wuerstchen", "PaellaVQModel"),

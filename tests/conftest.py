@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -20,6 +21,10 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+
+# Two threads per process on two shared cores make PyTorch's small ops hundreds of times slower; set before
+# torch is imported, and inherited by the Ray workers the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SERVER_START_TIMEOUT_S = 20.0
 
@@ -138,22 +143,34 @@ def s3_server(tmp_path_factory):
             process.wait()
 
 
+def s3_environment(server: S3Server) -> dict[str, str | None]:
+    """boto3's standard configuration pointed at `server`, isolated from the user's own AWS setup
+    (None: unset)."""
+    return {
+        **dict.fromkeys(("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                         "AWS_MAX_ATTEMPTS")),
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        # Without credentials boto3 would otherwise probe the EC2 metadata service and wait on it.
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ACCESS_KEY_ID": server.access_key,
+        "AWS_SECRET_ACCESS_KEY": server.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # rclone sends an object's stored whole-object checksum even with ranged GETs, which fails the
+        # validation in pyarrow's reads; uploads without a checksum leave nothing stored to send.
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    }
+
+
 @pytest.fixture
 def s3_env(monkeypatch, s3_server):
-    """Point boto3's standard configuration at `s3_server`, isolated from the user's own AWS setup."""
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_MAX_ATTEMPTS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    # Without credentials boto3 would otherwise probe the EC2 metadata service and wait on it.
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    # rclone sends an object's stored whole-object checksum even with ranged GETs, which fails the
-    # validation in pyarrow's reads; uploads without a checksum leave nothing stored to send.
-    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    """Point boto3's standard configuration at `s3_server` for one test."""
+    for name, value in s3_environment(s3_server).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     return s3_server
 
 
@@ -163,3 +180,33 @@ def s3_bucket(s3_server):
     name = s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
     yield name
     shutil.rmtree(s3_server.root / name, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """The prior and decoder checkpoint folders of `pipeline.tiny` (random weights: their images are noise)."""
+    from pipeline.tiny import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session, s3_server) -> str:
+    """A local Ray of 2 CPUs shared by the tests (started again if a test replaced it); yields its address.
+
+    Its workers hold the S3 test server's configuration, as a cluster's nodes hold their own credentials."""
+    import ray
+
+    if not ray.is_initialized():
+        env = {k: v for k, v in s3_environment(s3_server).items() if v is not None}
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": env})
+    return ray.get_runtime_context().gcs_address

@@ -1,0 +1,258 @@
+"""End-to-end jobs on a real local Ray: local and S3 outputs, resume, faults and bad input."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from jobs.cli import main
+from jobs.driver import run_job
+from jobs.ids import image_key
+from jobs.manifest import latest_status, read_manifest
+from jobs.spec import JobSpec
+from jobs.storage import open_output
+from pipeline import WuerstchenPipeline
+from workers.faults import FAULTS_ENV
+
+torch.set_num_threads(1)
+
+PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen", "an astronaut riding a horse",
+           "sausages on a grill", "a city street in the rain"]
+# Stage placement that fits the 2-CPU test cluster: both actors, a writer and a reader at once.
+SMALL_PLACEMENT = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25, "writer_concurrency": 1,
+                   "prior_batch_size": 4, "decoder_batch_size": 4}
+
+
+def write_prompts(path, prompts=PROMPTS, row_group_size=None, **columns):
+    table = pa.table({"prompt": prompts, **columns})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def make_spec(tiny_checkpoints, prompts, output, **fields) -> JobSpec:
+    prior, decoder = tiny_checkpoints
+    placement = {**SMALL_PLACEMENT, **fields.pop("placement", {})}
+    return JobSpec.from_dict({"prompts": str(prompts), "output": str(output), "prior": str(prior),
+                              "decoder": str(decoder), "height": 128, "width": 128, "prior_steps": 4,
+                              "decoder_steps": 3, "placement": placement, **fields})
+
+
+def ok_rows(output) -> dict:
+    return {k: r for k, r in latest_status(read_manifest(output)).items() if r["status"] == "ok"}
+
+
+def image_files(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in (root / "images").rglob("*") if p.is_file())
+
+
+def test_local_job_writes_every_image_once_and_matches_the_bare_pipeline(ray_local, tiny_checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.parquet", row_group_size=4,
+                            size=[128, 256, 128, 256, 128, 128])
+    out = tmp_path / "out"
+    spec = make_spec(tiny_checkpoints, prompts, out, images_per_prompt=2, height_column="size", width_column="size")
+    result = run_job(spec, progress=False)
+
+    assert result.summary["status"] == {"ok": 12, "failed": 0}
+    assert result.summary["missing"] == 0
+    rows = ok_rows(open_output(str(out)))
+    assert len(rows) == 12 and len(image_files(out)) == 12
+    for (prompt_id, index), row in rows.items():
+        path = out / image_key(prompt_id, index, "png")
+        data = path.read_bytes()
+        assert row["uri"] == path.as_uri() and row["bytes"] == len(data)
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert Image.open(io.BytesIO(data)).size == (row["width"], row["height"])
+    sizes = {row["prompt"]: row["height"] for row in rows.values()}
+    assert sizes["a lighthouse at night"] == 256 and sizes["a red fox in the snow"] == 128
+    summary = json.loads((out / "manifest" / "summary.json").read_text())
+    assert summary["status"]["ok"] == 12
+
+    # The job's image for a row is what the bare pipeline makes from that row's prompt and seed alone, up to
+    # the rounding of batched float kernels (the job ran it in a batch of others).
+    (prompt_id, index), row = sorted(rows.items())[3]
+    pipe = WuerstchenPipeline.from_pretrained(*tiny_checkpoints, device="cpu", dtype=torch.float32)
+    alone = pipe([row["prompt"]], seeds=[row["seed"]], height=row["height"], width=row["width"], prior_steps=4,
+                 decoder_steps=3)[0]
+    stored = Image.open(out / image_key(prompt_id, index, "png"))
+    diff = np.abs(np.asarray(alone).astype(int) - np.asarray(stored).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_rerun_generates_nothing_and_changed_params_are_refused(ray_local, tiny_checkpoints, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS[:3])
+    out = tmp_path / "out"
+    spec = make_spec(tiny_checkpoints, prompts, out)
+    run_job(spec, progress=False)
+    parts = sorted(p.name for p in (out / "manifest").iterdir())
+    mtimes = {p: (out / p).stat().st_mtime_ns for p in image_files(out)}
+
+    again = run_job(spec, progress=False)
+    assert again.summary["generated_now"] == 0 and again.summary["status"]["ok"] == 3
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == parts
+    assert {p: (out / p).stat().st_mtime_ns for p in image_files(out)} == mtimes
+
+    (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
+    assert main(["run", str(tmp_path / "job.yaml"), "--set", "seed=7", "--no-progress"]) == 2
+    assert "other generation parameters (changed: seed)" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "job.yaml"), "--set", "seed=7", "--no-progress", "--force"]) == 0
+    assert main(["status", str(out)]) == 0
+    assert "3 ok, 0 failed, 0 missing of 3 images" in capsys.readouterr().out
+
+
+def test_s3_job(ray_local, tiny_checkpoints, tmp_path, s3_env, s3_bucket):
+    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS[:4])
+    inputs = open_output(f"s3://{s3_bucket}/inputs")
+    inputs.put("batch-1.parquet", prompts.read_bytes())
+    spec = make_spec(tiny_checkpoints, f"s3://{s3_bucket}/inputs/", f"s3://{s3_bucket}/runs/one", format="webp")
+    result = run_job(spec, progress=False)
+
+    assert result.summary["status"] == {"ok": 4, "failed": 0}
+    output = open_output(f"s3://{s3_bucket}/runs/one")
+    images = [k for k in output.list("images/")]
+    assert len(images) == 4 and all(k.endswith(".webp") for k in images)
+    for row in ok_rows(output).values():
+        key = row["uri"].removeprefix(f"s3://{s3_bucket}/runs/one/")
+        assert hashlib.sha256(output.get(key)).hexdigest() == row["sha256"]
+    assert output.exists("manifest/summary.json") and output.exists("job.json")
+
+
+def test_a_dying_actor_is_replaced_and_no_image_is_lost_or_doubled(ray_local, tiny_checkpoints, tmp_path,
+                                                                   monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"kill": {"stage": "decoder", "marker": str(marker)}}))
+    prompts = write_prompts(tmp_path / "prompts.parquet")
+    out = tmp_path / "out"
+    result = run_job(make_spec(tiny_checkpoints, prompts, out, placement={"decoder_batch_size": 2}),
+                     progress=False)
+
+    assert marker.exists()  # the decoder actor really died mid-batch
+    assert result.summary["status"] == {"ok": 6, "failed": 0}
+    assert len(image_files(out)) == 6
+    table = read_manifest(open_output(str(out)))
+    keys = list(zip(table.column("prompt_id").to_pylist(), table.column("image_index").to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) == 6
+
+
+def test_an_image_that_cannot_be_encoded_fails_alone(ray_local, tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"fail_encode": "ramen"}))
+    prompts = write_prompts(tmp_path / "prompts.parquet")
+    out = tmp_path / "out"
+    spec = make_spec(tiny_checkpoints, prompts, out)
+    (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
+
+    assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 1
+    latest = latest_status(read_manifest(open_output(str(out))))
+    failed = [r for r in latest.values() if r["status"] == "failed"]
+    assert [r["prompt"] for r in failed] == ["a bowl of ramen"]
+    assert "encoding refused" in failed[0]["error"]
+    assert len(image_files(out)) == 5
+    assert "5 ok, 1 failed" in capsys.readouterr().out
+
+
+def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.parquet", [f"{p}, take {i}" for i in range(4) for p in PROMPTS],
+                            row_group_size=4)
+    out = tmp_path / "out"
+    spec = make_spec(tiny_checkpoints, prompts, out, prior_steps=12, decoder_steps=8,
+                     placement={"prior_batch_size": 2, "decoder_batch_size": 2})
+    (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray_local}
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "job.yaml"), "--no-progress"],
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and driver.poll() is None:
+            if (out / "manifest").is_dir() and len(list((out / "manifest").glob("part-*"))) >= 2:
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the driver finished before it could be killed"
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait()
+    output = open_output(str(out))
+    before = ok_rows(output)
+    assert 0 < len(before) < 24
+    mtimes = {k: (out / image_key(*k, "png")).stat().st_mtime_ns for k in before}
+
+    result = run_job(spec, progress=False)
+    assert result.summary["status"] == {"ok": 24, "failed": 0}
+    assert result.summary["generated_now"] == 24 - len(before)
+    assert len(image_files(out)) == 24 and not list(out.rglob("*.tmp*"))
+    table = read_manifest(output)
+    ok_keys = [k for k, s in zip(zip(table.column("prompt_id").to_pylist(), table.column("image_index").to_pylist(),
+                                     strict=True), table.column("status").to_pylist(), strict=True) if s == "ok"]
+    assert all(ok_keys.count(k) == 1 for k in before)  # nothing that was ok was generated again
+    assert {k: (out / image_key(*k, "png")).stat().st_mtime_ns for k in before} == mtimes
+
+
+@pytest.mark.parametrize("prompts, problem", [
+    ([None, "a cat"], "row 0: prompt is null"),
+    (["a cat", "   "], "row 1: prompt is empty"),
+    (["a cat", "x" * 10_000], "row 1: prompt has 10000 characters"),
+])
+def test_bad_prompts_are_refused_before_any_output(tiny_checkpoints, tmp_path, capsys, prompts, problem):
+    path = write_prompts(tmp_path / "p.parquet", prompts)
+    spec = make_spec(tiny_checkpoints, path, tmp_path / "out")
+    (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
+    assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "images").exists() and not (tmp_path / "out" / "job.json").exists()
+
+
+def test_input_problems_name_the_file_and_column(tiny_checkpoints, tmp_path, capsys):
+    cases = {
+        "missing.parquet": "does not exist",
+        "nocolumn.parquet": "no column 'prompt' (columns: text)",
+        "numbers.parquet": "column 'prompt' has type int64",
+        "dupes.parquet": "duplicate id 'a'",
+        "notparquet.parquet": "not a readable Parquet file",
+    }
+    pq.write_table(pa.table({"text": ["a cat"]}), tmp_path / "nocolumn.parquet")
+    pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "numbers.parquet")
+    write_prompts(tmp_path / "dupes.parquet", ["a cat", "a dog"], key=["a", "a"])
+    (tmp_path / "notparquet.parquet").write_text("hello")
+    for name, problem in cases.items():
+        extra = {"id_column": "key"} if name == "dupes.parquet" else {}
+        spec = make_spec(tiny_checkpoints, tmp_path / name, tmp_path / "out", **extra)
+        (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
+        assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert problem in err and "Traceback" not in err, (name, err)
+        assert name in err
+        assert not (tmp_path / "out" / "job.json").exists()
+
+
+def test_s3_problems_are_clear(tiny_checkpoints, tmp_path, capsys, s3_env, s3_bucket, monkeypatch):
+    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:1])
+
+    def run(output):
+        spec = make_spec(tiny_checkpoints, prompts, output)
+        (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
+        code = main(["run", str(tmp_path / "job.yaml"), "--no-progress"])
+        return code, capsys.readouterr().err
+
+    code, err = run("s3://no-such-bucket-here/out")
+    assert code == 2 and "bucket" in err.lower() and "Traceback" not in err
+    secret, endpoint = os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    code, err = run(f"s3://{s3_bucket}/out")
+    assert code == 2 and "credential" in err.lower() and "wrong-secret" not in err and secret not in err
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    code, err = run(f"s3://{s3_bucket}/out")
+    assert code == 2 and "127.0.0.1:9" in err and "Traceback" not in err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    assert open_output(f"s3://{s3_bucket}/out").list() == []
