@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import torch
 
-# Stage C's published schedule: 20 steps from 1.0 to 2/3, then 10 more down to 0.
+# Stage C's published schedule: 20 timesteps from 1.0 to 2/3, then 10 more down to 0 (29 steps).
 DEFAULT_PRIOR_TIMESTEPS = tuple(
     [1.0 + (2 / 3 - 1.0) * i / 19 for i in range(20)] + [2 / 3 * (1 - i / 10) for i in range(1, 11)]
 )
