@@ -41,6 +41,9 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("prior_s", pa.float64()),
         pa.field("decoder_s", pa.float64()),
         pa.field("write_s", pa.float64()),
+        # The Ray node ids the image's prior and decoder actors ran on.
+        pa.field("prior_node", pa.string()),
+        pa.field("decoder_node", pa.string()),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )

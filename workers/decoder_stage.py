@@ -3,6 +3,7 @@
 import time
 
 import numpy as np
+import ray
 import torch
 
 from pipeline import DecoderPipeline
@@ -45,5 +46,5 @@ class DecoderStage:
                 seconds[i] = per_image
         del batch["latent"], batch["latent_shape"]
         batch.update(pixels=column(pixels), image_size=column(sizes), decoder_s=column(seconds, np.float64),
-                     error=column(errors))
+                     error=column(errors), decoder_node=column([ray.get_runtime_context().get_node_id()] * n))
         return batch

@@ -3,6 +3,7 @@
 import time
 
 import numpy as np
+import ray
 
 from pipeline import PriorPipeline
 
@@ -44,5 +45,6 @@ class PriorStage:
                 truncated[i] = result.truncated[j]
                 seconds[i] = per_image
         batch.update(latent=column(latents), latent_shape=column(shapes), truncated=column(truncated, bool),
-                     prior_s=column(seconds, np.float64), error=column(errors))
+                     prior_s=column(seconds, np.float64), error=column(errors),
+                     prior_node=column([ray.get_runtime_context().get_node_id()] * n))
         return batch

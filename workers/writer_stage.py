@@ -41,6 +41,7 @@ def write_images(batch: dict[str, np.ndarray], spec, job_id: str) -> dict[str, n
                "prompt": str(batch["prompt"][i]), "negative_prompt": str(batch["negative_prompt"][i]),
                "seed": int(batch["seed"][i]), "params": params, "truncated": bool(batch["truncated"][i]),
                "prior_s": float(batch["prior_s"][i]), "decoder_s": float(batch["decoder_s"][i]),
+               "prior_node": str(batch["prior_node"][i]), "decoder_node": str(batch["decoder_node"][i]),
                "uri": None, "bytes": None, "sha256": None, "error": batch["error"][i] or None}
         height, width = (int(v) for v in batch["image_size"][i])
         row.update(height=height or None, width=width or None)
