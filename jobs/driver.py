@@ -130,20 +130,24 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobRes
                               "total_images": plan.total_images, "spec": spec.model_dump(mode="json")})
     log.info("%d images in all, %d already done, %d to generate", plan.total_images, plan.done_images,
              plan.pending_images)
+    generated = failed = 0
     if plan.units:
         connect_ray()
         bar = tqdm(total=plan.total_images, initial=plan.done_images, unit="img", disable=not progress,
                    desc="images", dynamic_ncols=True)
-        failed = 0
         with bar:
             for batch in build_dataset(spec, plan, geometry, current_job).iter_batches(batch_size=None):
+                generated += int((batch["status"] == "ok").sum())
                 failed += int((batch["status"] == "failed").sum())
                 bar.update(len(batch["status"]))
                 bar.set_postfix(failed=failed)
+    elapsed = time.perf_counter() - started
     table = read_manifest(output)
     table = table.filter(table.column("job_id").to_numpy(zero_copy_only=False) == current_job)
-    summary = summarize(table, elapsed_s=time.perf_counter() - started)
-    summary.update(job_id=current_job, total_images=plan.total_images, generated_now=plan.pending_images,
+    summary = summarize(table, elapsed_s=elapsed)
+    # Throughput of this run alone: images recorded by earlier runs took none of its time.
+    summary.update(job_id=current_job, total_images=plan.total_images, generated_now=generated,
+                   failed_now=failed, images_per_s=generated / elapsed,
                    missing=max(0, plan.total_images - sum(summary["status"].values())), output=spec.output)
     write_summary(output, summary)
     return JobResult(summary, spec.output)

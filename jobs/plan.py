@@ -212,5 +212,7 @@ def unit_images(spec: JobSpec, geometry: Geometry, unit: ReadUnit) -> list[dict]
     """The image rows of one read unit that are still to be generated (the planner validated them)."""
     table = read_row_group(unit.uri, unit.row_group, _columns(spec))
     done = set(unit.done)
-    return [image for row, index, image, problem in image_rows(spec, geometry, unit.uri, unit.first_row, table)
-            if problem is None and row * spec.images_per_prompt + index not in done]
+    images = [image for row, index, image, problem in image_rows(spec, geometry, unit.uri, unit.first_row, table)
+              if problem is None and row * spec.images_per_prompt + index not in done]
+    # Neighbours of one size fill model batches that need no splitting by size.
+    return sorted(images, key=lambda image: (image["height"], image["width"]))
