@@ -12,10 +12,14 @@ import argparse
 import io
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+# Run as `python bench/job.py`, this folder comes first on sys.path, and bench/pipeline.py would shadow the package.
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: shared cores make threaded small ops crawl
 
 import pyarrow as pa  # noqa: E402

@@ -103,6 +103,9 @@ def build_dataset(spec: JobSpec, plan: Plan, geometry: Geometry, current_job: st
         ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units)))
         .flat_map(read_unit, fn_kwargs={"spec": spec, "geometry": geometry}, num_cpus=0.25,
                   runtime_env=runtime_env)
+        # A read unit's rows would otherwise travel as one block, and the decoder would wait for the prior to
+        # finish all of them; blocks of one prior batch keep both pools busy from the first batch on.
+        .repartition(target_num_rows_per_block=place.prior_batch_size)
         .map_batches(PriorStage, fn_constructor_kwargs={"spec": spec}, batch_size=place.prior_batch_size,
                      compute=ray.data.ActorPoolStrategy(size=place.prior_actors), num_gpus=stage_gpus(place.prior_gpus),
                      num_cpus=place.prior_cpus, resources=place.prior_resources or None, runtime_env=runtime_env,
