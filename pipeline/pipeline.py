@@ -22,6 +22,15 @@ def _device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     return device, dtype or default_dtype(device)
 
 
+def _open_checkpoint(checkpoint, kind: str, device, dtype):
+    """A pipeline checkpoint's folder, model_index.json and text encoder, on the resolved device and dtype."""
+    device, dtype = _device_and_dtype(device, dtype)
+    folder = resolve_checkpoint(checkpoint, kind, prefer_half=dtype != torch.float32)
+    index = pipeline_folder(folder, kind)
+    text = TextEncoder.from_folders(folder / "tokenizer", folder / "text_encoder", device, dtype)
+    return folder, index, text, device, dtype
+
+
 def _repeat(items: list, times: int) -> list:
     return [item for item in items for _ in range(times)]
 
@@ -54,10 +63,7 @@ class PriorPipeline:
 
     @classmethod
     def from_pretrained(cls, checkpoint, device=None, dtype=None) -> "PriorPipeline":
-        device, dtype = _device_and_dtype(device, dtype)
-        folder = resolve_checkpoint(checkpoint, "prior", prefer_half=dtype != torch.float32)
-        index = pipeline_folder(folder, "prior")
-        text = TextEncoder.from_folders(folder / "tokenizer", folder / "text_encoder", device, dtype)
+        folder, index, text, device, dtype = _open_checkpoint(checkpoint, "prior", device, dtype)
         return cls(load_component(folder / "prior", device, dtype), text,
                    latent_mean=float(index.get("latent_mean", 42.0)), latent_std=float(index.get("latent_std", 1.0)),
                    resolution_multiple=float(index.get("resolution_multiple", 42.67)))
@@ -119,10 +125,7 @@ class DecoderPipeline:
 
     @classmethod
     def from_pretrained(cls, checkpoint, device=None, dtype=None) -> "DecoderPipeline":
-        device, dtype = _device_and_dtype(device, dtype)
-        folder = resolve_checkpoint(checkpoint, "decoder", prefer_half=dtype != torch.float32)
-        index = pipeline_folder(folder, "decoder")
-        text = TextEncoder.from_folders(folder / "tokenizer", folder / "text_encoder", device, dtype)
+        folder, index, text, device, dtype = _open_checkpoint(checkpoint, "decoder", device, dtype)
         return cls(load_component(folder / "decoder", device, dtype), load_component(folder / "vqgan", device, dtype),
                    text, latent_dim_scale=float(index.get("latent_dim_scale", 10.67)))
 
