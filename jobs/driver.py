@@ -20,7 +20,7 @@ from workers.faults import FAULTS_ENV
 from workers.prior_stage import PriorStage
 from workers.writer_stage import write_images
 
-from .manifest import latest_status, read_job_params, read_manifest, summarize, write_job_params, write_summary
+from .manifest import compact, latest_status, read_job_params, read_manifest, summarize, write_job_params, write_summary
 from .plan import Plan, ReadUnit, plan_job, unit_images
 from .spec import JobSpec
 from .storage import Output, open_output
@@ -145,6 +145,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobRes
                 bar.update(len(batch["status"]))
                 bar.set_postfix(failed=failed)
     elapsed = time.perf_counter() - started
+    compact(output)  # one part per batch is durable while running; one part in all is quick to resume from
     table = read_manifest(output)
     table = table.filter(table.column("job_id").to_numpy(zero_copy_only=False) == current_job)
     summary = summarize(table, elapsed_s=elapsed)

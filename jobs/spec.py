@@ -130,7 +130,7 @@ class JobSpec(_Frozen):
     height_column: str | None = None
     width_column: str | None = None
 
-    output: str
+    output: str = "output"  # a local folder, relative to where the job runs
 
     prior: str = "warp-ai/wuerstchen-prior"
     decoder: str = "warp-ai/wuerstchen"

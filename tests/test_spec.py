@@ -79,8 +79,11 @@ def test_missing_required_fields_are_named():
         JobSpec.from_dict({})
     message = str(caught.value)
     assert "prompts: required field is missing" in message
-    assert "output: required field is missing" in message
-    assert len(message.splitlines()) == 2
+    assert len(message.splitlines()) == 1
+
+
+def test_output_defaults_to_a_local_folder():
+    assert JobSpec.from_dict({"prompts": "p.parquet"}).output == "output"
 
 
 @pytest.mark.parametrize(
