@@ -57,7 +57,8 @@ def check_resume(spec: JobSpec, output: Output, force: bool) -> None:
     recorded = read_job_params(output)
     if recorded is None or recorded.get("params") == spec.generation_params() or force:
         return
-    changed = sorted(k for k in spec.generation_params() if recorded.get("params", {}).get(k) != getattr(spec, k))
+    current, before = spec.generation_params(), recorded.get("params", {})
+    changed = sorted(k for k in current if before.get(k) != current[k])
     raise JobError(f"{spec.output} holds images made with other generation parameters (changed: "
                    f"{', '.join(changed) or 'unknown'}); name a new output, or pass --force to regenerate them all")
 
@@ -68,6 +69,13 @@ def local_geometry(spec: JobSpec) -> Geometry:
         path = Path(os.path.expanduser(name))
         return resolve_checkpoint(name, kind) if path.exists() else None
     return Geometry.from_checkpoints(local(spec.prior, "prior"), local(spec.decoder, "decoder"))
+
+
+def for_workers(spec: JobSpec) -> JobSpec:
+    """The spec as the stages get it: local checkpoint folders made absolute, since workers may run elsewhere."""
+    local = {name: str(Path(getattr(spec, name)).expanduser().resolve()) for name in ("prior", "decoder")
+             if Path(getattr(spec, name)).expanduser().exists()}
+    return spec.model_copy(update=local)
 
 
 def connect_ray() -> None:
@@ -139,7 +147,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobRes
         bar = tqdm(total=plan.total_images, initial=plan.done_images, unit="img", disable=not progress,
                    desc="images", dynamic_ncols=True)
         with bar:
-            for batch in build_dataset(spec, plan, geometry, current_job).iter_batches(batch_size=None):
+            for batch in build_dataset(for_workers(spec), plan, geometry, current_job).iter_batches(batch_size=None):
                 generated += int((batch["status"] == "ok").sum())
                 failed += int((batch["status"] == "failed").sum())
                 bar.update(len(batch["status"]))
