@@ -26,6 +26,8 @@ from .spec import JobSpec
 from .storage import Output, open_output
 
 log = logging.getLogger("wurstfabrik")
+# Writer batches between merges of the manifest's small parts: a long job leaves hundreds, not millions.
+COMPACT_EVERY = 256
 
 
 class JobError(Exception):
@@ -147,7 +149,10 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobRes
         bar = tqdm(total=plan.total_images, initial=plan.done_images, unit="img", disable=not progress,
                    desc="images", dynamic_ncols=True)
         with bar:
-            for batch in build_dataset(for_workers(spec), plan, geometry, current_job).iter_batches(batch_size=None):
+            dataset = build_dataset(for_workers(spec), plan, geometry, current_job)
+            for number, batch in enumerate(dataset.iter_batches(batch_size=None), start=1):
+                if number % COMPACT_EVERY == 0:
+                    compact(output, small_only=True)
                 generated += int((batch["status"] == "ok").sum())
                 failed += int((batch["status"] == "failed").sum())
                 bar.update(len(batch["status"]))

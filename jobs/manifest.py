@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 MANIFEST_PREFIX = "manifest/"
 SUMMARY_KEY = MANIFEST_PREFIX + "summary.json"
 PARAMS_KEY = "job.json"
+MERGED_SUFFIX = "-merged.parquet"
 
 STATUSES = ("ok", "failed")
 
@@ -79,12 +80,12 @@ def write_part(output, rows: list[dict[str, Any]]) -> str:
     return _store_part(output, _rows_to_table(rows))
 
 
-def _store_part(output, table: pa.Table) -> str:
+def _store_part(output, table: pa.Table, suffix: str = ".parquet") -> str:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     # The timestamp first makes key order follow write order, which breaks finished_at ties.
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    key = f"{MANIFEST_PREFIX}part-{stamp}-{uuid.uuid4().hex}.parquet"
+    key = f"{MANIFEST_PREFIX}part-{stamp}-{uuid.uuid4().hex}{suffix}"
     output.put(key, sink.getvalue(), content_type="application/vnd.apache.parquet")
     return key
 
@@ -232,16 +233,17 @@ def read_job_params(output) -> dict[str, Any] | None:
     return params
 
 
-def compact(output) -> str | None:
-    """Merges all parts into one and deletes the old ones; returns the new key, or None if <= 1 part.
+def compact(output, small_only: bool = False) -> str | None:
+    """Merges parts into one and deletes them; returns the new key, or None if there were not two to merge.
 
-    The merged part is stored before any old one is deleted; a crash in between leaves duplicate
-    rows, which latest_status already tolerates.
+    With small_only, parts that are themselves merges are left alone, so merging as a job goes costs each
+    part one read. The merged part is stored before any old one is deleted; a crash in between leaves
+    duplicate rows, which latest_status already tolerates.
     """
-    keys = _part_keys(output)
+    keys = [k for k in _part_keys(output) if not (small_only and k.endswith(MERGED_SUFFIX))]
     if len(keys) <= 1:
         return None
-    merged = _store_part(output, pa.concat_tables([_read_part(output, key) for key in keys]))
+    merged = _store_part(output, pa.concat_tables([_read_part(output, key) for key in keys]), MERGED_SUFFIX)
     for key in keys:
         output.delete(key)
     return merged

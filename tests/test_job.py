@@ -56,7 +56,9 @@ def image_files(root) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in (root / "images").rglob("*") if p.is_file())
 
 
-def test_local_job_writes_every_image_once_and_matches_the_bare_pipeline(ray_local, tiny_checkpoints, tmp_path):
+def test_local_job_writes_every_image_once_and_matches_the_bare_pipeline(ray_local, tiny_checkpoints, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr("jobs.driver.COMPACT_EVERY", 2)  # merge the manifest's parts while the job runs, too
     prompts = write_prompts(tmp_path / "prompts.parquet", row_group_size=4,
                             size=[128, 256, 128, 256, 128, 128])
     out = tmp_path / "out"

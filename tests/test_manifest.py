@@ -299,3 +299,18 @@ def test_compact_with_one_part_does_nothing(output):
     key = write_part(output, [ok_row()])
     assert compact(output) is None
     assert output.list(MANIFEST_PREFIX) == [key]
+
+
+def test_compacting_small_parts_leaves_merged_parts_alone(output):
+    write_part(output, [ok_row("a")])
+    write_part(output, [ok_row("b")])
+    first = compact(output, small_only=True)
+    write_part(output, [ok_row("c")])
+    assert compact(output, small_only=True) is None  # one small part and one merged part: nothing to do
+    write_part(output, [failed_row("d")])
+    second = compact(output, small_only=True)
+    parts = sorted(k for k in output.list(MANIFEST_PREFIX) if k.endswith(".parquet"))
+    assert parts == sorted([first, second])
+    final = compact(output)
+    assert [k for k in output.list(MANIFEST_PREFIX) if k.endswith(".parquet")] == [final]
+    assert sorted(k[0] for k in latest_status(read_manifest(output))) == ["a", "b", "c", "d"]
