@@ -104,6 +104,9 @@ def weight_files(folder: Path, prefer_half: bool) -> list[Path]:
             shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
             if not shards:
                 raise CheckpointError(f"{folder / name}: no weight_map")
+            outside = [s for s in shards if not isinstance(s, str) or Path(s).name != s or s in (".", "..")]
+            if outside:
+                raise CheckpointError(f"{folder / name}: weight_map names files outside its folder: {outside}")
             return [folder / shard for shard in shards]
         for name in single_names:
             if is_half_variant(name) == half:

@@ -353,3 +353,11 @@ def test_non_existent_local_folder_for_the_pipeline(tmp_path, tiny):
     missing = tmp_path / "missing"
     message = error_of(WuerstchenPipeline.from_pretrained, missing, tiny[1], device="cpu", dtype=torch.float32)
     assert str(missing) in message and "no such checkpoint folder" in message
+
+
+def test_index_naming_a_file_outside_its_folder(component, tmp_path):
+    (component / WEIGHTS).rename(tmp_path / "elsewhere.safetensors")
+    weight_map = {"projection.weight": "../elsewhere.safetensors"}
+    (component / (WEIGHTS + ".index.json")).write_text(json.dumps({"weight_map": weight_map}))
+    message = error_of(load, component)
+    assert "outside its folder" in message and "../elsewhere.safetensors" in message
