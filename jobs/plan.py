@@ -77,31 +77,28 @@ def _file_name(uri: str) -> str:
     return uri.rsplit("/", 1)[-1]
 
 
-def _check_columns(spec: JobSpec, uri: str, schema: pa.Schema) -> list[str]:
-    wanted = {
-        spec.prompt_column: pa.types.is_string, spec.id_column: lambda t: pa.types.is_string(t) or
-        pa.types.is_integer(t), spec.negative_prompt_column: pa.types.is_string,
-        spec.seed_column: pa.types.is_integer, spec.height_column: pa.types.is_integer,
-        spec.width_column: pa.types.is_integer,
-    }
-    names = set(schema.names)
-    for column, accepts in wanted.items():
-        if column is None:
-            continue
-        if column not in names:
-            raise InputError(f"{uri}: no column {column!r} (columns: {', '.join(schema.names)})")
-        kind = schema.field(column).type
-        if pa.types.is_large_string(kind):
-            kind = pa.string()
-        if not accepts(kind):
-            raise InputError(f"{uri}: column {column!r} has type {schema.field(column).type}, which cannot be used")
-    return [c for c in wanted if c is not None]
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _column_types(spec: JobSpec) -> dict:
+    """The input columns a spec reads, each with the check its Arrow type must pass."""
+    roles = [(spec.prompt_column, _is_text), (spec.id_column, lambda t: _is_text(t) or pa.types.is_integer(t)),
+             (spec.negative_prompt_column, _is_text), (spec.seed_column, pa.types.is_integer),
+             (spec.height_column, pa.types.is_integer), (spec.width_column, pa.types.is_integer)]
+    return {column: accepts for column, accepts in roles if column is not None}
 
 
 def _columns(spec: JobSpec) -> list[str]:
-    names = [spec.prompt_column, spec.id_column, spec.negative_prompt_column, spec.seed_column,
-             spec.height_column, spec.width_column]
-    return list(dict.fromkeys(c for c in names if c is not None))
+    return list(_column_types(spec))
+
+
+def _check_columns(spec: JobSpec, uri: str, schema: pa.Schema) -> None:
+    for column, accepts in _column_types(spec).items():
+        if column not in schema.names:
+            raise InputError(f"{uri}: no column {column!r} (columns: {', '.join(schema.names)})")
+        if not accepts(schema.field(column).type):
+            raise InputError(f"{uri}: column {column!r} has type {schema.field(column).type}, which cannot be used")
 
 
 def image_rows(spec: JobSpec, geometry: Geometry, uri: str, first_row: int, table: pa.Table):
