@@ -1,4 +1,4 @@
-"""Helpers shared by the stage adapters: Ray Data batches as rows, grouped by shape."""
+"""Ray Data batches as the stage adapters use them: error-free rows grouped by size, and columns from lists."""
 
 from collections import defaultdict
 
