@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.errors import CheckpointError
 
 from .ids import InputError
-from .manifest import ManifestError, latest_status, read_job_params, read_manifest
+from .manifest import ManifestError, job_rows, latest_status, read_job_params, read_manifest
 from .spec import JobSpec, SpecError, load_spec
 from .storage import StorageError, open_output
 
@@ -44,7 +44,7 @@ def status(output_uri: str) -> int:
         print(f"error: {output_uri} holds no wurstfabrik job (no job.json)", file=sys.stderr)
         return 2
     current = recorded.get("job_id")
-    latest = [row for row in latest_status(read_manifest(output)).values() if row["job_id"] == current]
+    latest = list(latest_status(job_rows(read_manifest(output), current)).values())
     counts = {"ok": 0, "failed": 0}
     for row in latest:
         counts[row["status"]] += 1

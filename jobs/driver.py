@@ -13,14 +13,22 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from pipeline.checkpoint import resolve_checkpoint
 from pipeline.geometry import Geometry
 from workers.decoder_stage import DecoderStage
 from workers.faults import FAULTS_ENV
 from workers.prior_stage import PriorStage
 from workers.writer_stage import write_images
 
-from .manifest import compact, latest_status, read_job_params, read_manifest, summarize, write_job_params, write_summary
+from .manifest import (
+    compact,
+    job_rows,
+    latest_status,
+    read_job_params,
+    read_manifest,
+    summarize,
+    write_job_params,
+    write_summary,
+)
 from .plan import Plan, ReadUnit, plan_job, unit_images
 from .spec import JobSpec
 from .storage import Output, open_output
@@ -51,8 +59,8 @@ def job_id(spec: JobSpec) -> str:
 
 
 def done_images(output: Output, current_job: str) -> set[tuple[str, int]]:
-    table = read_manifest(output)
-    return {key for key, row in latest_status(table).items() if row["status"] == "ok" and row["job_id"] == current_job}
+    return {key for key, row in latest_status(job_rows(read_manifest(output), current_job)).items()
+            if row["status"] == "ok"}
 
 
 def check_resume(spec: JobSpec, output: Output, force: bool) -> None:
@@ -65,18 +73,21 @@ def check_resume(spec: JobSpec, output: Output, force: bool) -> None:
                    f"{', '.join(changed) or 'unknown'}); name a new output, or pass --force to regenerate them all")
 
 
+def local_folder(name: str) -> Path | None:
+    """A checkpoint named by a path that exists here, made absolute; None for a hub id."""
+    path = Path(name).expanduser()
+    return path.resolve() if path.exists() else None
+
+
 def local_geometry(spec: JobSpec) -> Geometry:
     """Image sizes as the checkpoints define them, read from local folders (published values for hub ids)."""
-    def local(name: str, kind: str) -> Path | None:
-        path = Path(os.path.expanduser(name))
-        return resolve_checkpoint(name, kind) if path.exists() else None
-    return Geometry.from_checkpoints(local(spec.prior, "prior"), local(spec.decoder, "decoder"))
+    return Geometry.from_checkpoints(local_folder(spec.prior), local_folder(spec.decoder))
 
 
 def for_workers(spec: JobSpec) -> JobSpec:
     """The spec as the stages get it: local checkpoint folders made absolute, since workers may run elsewhere."""
-    local = {name: str(Path(getattr(spec, name)).expanduser().resolve()) for name in ("prior", "decoder")
-             if Path(getattr(spec, name)).expanduser().exists()}
+    local = {name: str(local_folder(getattr(spec, name))) for name in ("prior", "decoder")
+             if local_folder(getattr(spec, name))}
     return spec.model_copy(update=local)
 
 
@@ -159,9 +170,7 @@ def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobRes
                 bar.set_postfix(failed=failed)
     elapsed = time.perf_counter() - started
     compact(output)  # one part per batch is durable while running; one part in all is quick to resume from
-    table = read_manifest(output)
-    table = table.filter(table.column("job_id").to_numpy(zero_copy_only=False) == current_job)
-    summary = summarize(table, elapsed_s=elapsed)
+    summary = summarize(job_rows(read_manifest(output), current_job), elapsed_s=elapsed)
     # Throughput of this run alone: images recorded by earlier runs took none of its time.
     summary.update(job_id=current_job, total_images=plan.total_images, generated_now=generated,
                    failed_now=failed, images_per_s=generated / elapsed,

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MANIFEST_PREFIX = "manifest/"
@@ -165,6 +166,11 @@ def _read_part(output, key: str) -> pa.Table:
         return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
         raise ManifestError(f"{key}: columns do not match the manifest schema: {err}") from None
+
+
+def job_rows(table: pa.Table, job_id: str) -> pa.Table:
+    """The rows of one job: an output regenerated with --force also holds an earlier job's rows."""
+    return table.filter(pc.equal(table.column("job_id"), job_id))
 
 
 def latest_status(table: pa.Table) -> dict[tuple[str, int], dict[str, Any]]:
