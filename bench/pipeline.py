@@ -118,6 +118,16 @@ def random_text_encoder(tiny_folder: Path, sizes: dict, device: torch.device, dt
         return CLIPTextModel(config).eval()
 
 
+def random_vqgan(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> PaellaVQModel:
+    """The reference Stage A with random weights (its own initialisation); config {} is the published size."""
+    torch.manual_seed(seed)
+    with building(device, dtype):
+        vqgan = PaellaVQModel(**config).eval()
+    with torch.no_grad():
+        vqgan.out_block[0].bias.fill_(0.5)  # pixels spread around mid-grey rather than clamped to black
+    return vqgan
+
+
 def write_full_checkpoints(tiny_prior: Path, tiny_decoder: Path, out: Path, device: torch.device,
                            dtype: torch.dtype) -> tuple[Path, Path]:
     """The published layout at the published sizes, written by the reference modules' own save_pretrained
@@ -139,12 +149,7 @@ def write_full_checkpoints(tiny_prior: Path, tiny_decoder: Path, out: Path, devi
     save(random_text_encoder(tiny_decoder / "text_encoder", FULL_DECODER_TEXT, device, dtype, seed=3),
          decoder_dir / "text_encoder")
     save(random_stage(WuerstchenDiffNeXt, FULL_DECODER, "clf.1", device, dtype, seed=4), decoder_dir / "decoder")
-    torch.manual_seed(5)
-    with building(device, dtype):
-        vqgan = PaellaVQModel().eval()
-    with torch.no_grad():
-        vqgan.out_block[0].bias.fill_(0.5)  # pixels spread around mid-grey rather than clamped to black
-    save(vqgan, decoder_dir / "vqgan")
+    save(random_vqgan({}, device, dtype, seed=5), decoder_dir / "vqgan")
     gc.collect()
     return prior_dir, decoder_dir
 
@@ -152,28 +157,31 @@ def write_full_checkpoints(tiny_prior: Path, tiny_decoder: Path, out: Path, devi
 def load_reference(prior_dir: Path, decoder_dir: Path, device: torch.device, dtype: torch.dtype):
     """diffusers' prior and decoder pipelines, assembled in memory from the component folders (their
     DiffusionPipeline.from_pretrained of a folder is broken upstream)."""
-    prior_index = json.loads((prior_dir / "model_index.json").read_text())
-    decoder_index = json.loads((decoder_dir / "model_index.json").read_text())
-
     def text_encoder(folder: Path) -> CLIPTextModel:
         return CLIPTextModel.from_pretrained(str(folder), dtype=dtype).eval()
 
+    prior = dict(tokenizer=CLIPTokenizer.from_pretrained(str(prior_dir / "tokenizer")),
+                 text_encoder=text_encoder(prior_dir / "text_encoder"),
+                 prior=WuerstchenPrior.from_pretrained(str(prior_dir / "prior"), torch_dtype=dtype).eval())
+    decoder = dict(tokenizer=CLIPTokenizer.from_pretrained(str(decoder_dir / "tokenizer")),
+                   text_encoder=text_encoder(decoder_dir / "text_encoder"),
+                   decoder=WuerstchenDiffNeXt.from_pretrained(str(decoder_dir / "decoder"), torch_dtype=dtype).eval(),
+                   vqgan=PaellaVQModel.from_pretrained(str(decoder_dir / "vqgan"), torch_dtype=dtype).eval())
+    return assemble_reference(prior, decoder, prior_dir, decoder_dir, device)
+
+
+def assemble_reference(prior: dict, decoder: dict, prior_dir: Path, decoder_dir: Path, device: torch.device):
+    """diffusers' prior and decoder pipelines from their modules (prior: tokenizer, text_encoder, prior; decoder:
+    tokenizer, text_encoder, decoder, vqgan), with the settings of the folders' model_index.json."""
+    prior_index = json.loads((prior_dir / "model_index.json").read_text())
+    decoder_index = json.loads((decoder_dir / "model_index.json").read_text())
     prior = WuerstchenPriorPipeline(
-        tokenizer=CLIPTokenizer.from_pretrained(str(prior_dir / "tokenizer")),
-        text_encoder=text_encoder(prior_dir / "text_encoder"),
-        prior=WuerstchenPrior.from_pretrained(str(prior_dir / "prior"), torch_dtype=dtype).eval(),
-        scheduler=DDPMWuerstchenScheduler(),
+        **prior, scheduler=DDPMWuerstchenScheduler(),
         latent_mean=prior_index["latent_mean"], latent_std=prior_index["latent_std"],
         resolution_multiple=prior_index["resolution_multiple"],
     )
-    decoder = WuerstchenDecoderPipeline(
-        tokenizer=CLIPTokenizer.from_pretrained(str(decoder_dir / "tokenizer")),
-        text_encoder=text_encoder(decoder_dir / "text_encoder"),
-        decoder=WuerstchenDiffNeXt.from_pretrained(str(decoder_dir / "decoder"), torch_dtype=dtype).eval(),
-        scheduler=DDPMWuerstchenScheduler(),
-        vqgan=PaellaVQModel.from_pretrained(str(decoder_dir / "vqgan"), torch_dtype=dtype).eval(),
-        latent_dim_scale=decoder_index["latent_dim_scale"],
-    )
+    decoder = WuerstchenDecoderPipeline(**decoder, scheduler=DDPMWuerstchenScheduler(),
+                                        latent_dim_scale=decoder_index["latent_dim_scale"])
     for pipe in (prior, decoder):
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)

@@ -1,4 +1,9 @@
-"""The `wurstfabrik` command: run a job spec, report an output's status, or run the offline demo."""
+"""The `wurstfabrik` command: run a job spec, report an output's status, preview it, or run the offline demo.
+
+Exit codes (for schedulers): 0 every image done; 1 images failed or missing, or the run stopped (a rerun makes
+them); 2 a spec, input, storage or checkpoint problem, nothing written; 3 another run holds the output's lease;
+128 + N when stopped by signal N (130 SIGINT, 143 SIGTERM).
+"""
 
 import argparse
 import json
@@ -7,13 +12,18 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import CheckpointError
+from store.ids import InputError
+from store.lease import LeaseHeld
+from store.manifest import ManifestError
+from store.storage import StorageError
 
-from .ids import InputError
-from .manifest import ManifestError, job_rows, latest_status, read_job_params, read_manifest
+from .preview import NothingToPreview, write_preview
+from .quiet import filtered_stderr
 from .spec import JobSpec, SpecError, load_spec
-from .storage import StorageError, open_output
+from .status import NoJob, status_report
 
-USER_ERRORS = (SpecError, InputError, StorageError, CheckpointError, ManifestError)
+USER_ERRORS = (SpecError, InputError, StorageError, CheckpointError, ManifestError, NoJob, NothingToPreview)
+EXIT_REFUSED, EXIT_LEASED = 2, 3
 DEMO_SUBJECTS = ("a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sausage stand", "a sailing boat")
 DEMO_STYLES = ("watercolor", "oil painting", "photo at dusk", "pixel art", "pencil sketch", "isometric render")
 
@@ -32,28 +42,29 @@ def run(spec: JobSpec, force: bool, progress: bool) -> int:
         result = run_job(spec, force=force, progress=progress)
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except LeaseHeld as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LEASED
     print_summary(result.summary)
-    return 1 if result.failed or result.summary.get("missing") else 0
+    if result.message:
+        print(f"error: {result.message}; run again to finish", file=sys.stderr)
+    elif result.summary.get("bad_input"):
+        print(f"note: {result.summary['bad_input']} image(s) of bad input rows were skipped; "
+              f"`wurstfabrik status {spec.output}` lists them", file=sys.stderr)
+    return result.exit_code
 
 
 def status(output_uri: str) -> int:
-    output = open_output(output_uri)
-    recorded = read_job_params(output)
-    if recorded is None:
-        print(f"error: {output_uri} holds no wurstfabrik job (no job.json)", file=sys.stderr)
-        return 2
-    current = recorded.get("job_id")
-    latest = list(latest_status(job_rows(read_manifest(output), current)).values())
-    counts = {"ok": 0, "failed": 0}
-    for row in latest:
-        counts[row["status"]] += 1
-    total = int(recorded.get("total_images", 0))
-    print(f"{output_uri}: job {current}: {counts['ok']} ok, {counts['failed']} failed, "
-          f"{max(0, total - len(latest))} missing of {total} images")
-    for row in [r for r in latest if r["status"] == "failed"][:10]:
-        print(f"  failed {row['prompt_id']} image {row['image_index']}: {row['error']}")
-    return 0 if counts["ok"] == total else 1
+    lines, code = status_report(output_uri)
+    print("\n".join(lines))
+    return code
+
+
+def preview(output_uri: str, n: int, to: str | None) -> int:
+    sheet, page, shown = write_preview(output_uri, n, to)
+    print(f"{shown} images\ncontact sheet: {sheet}\npage: {page}")
+    return 0
 
 
 def write_demo_inputs(folder: Path) -> tuple[Path, Path, Path]:
@@ -80,12 +91,14 @@ def demo(folder: Path, overrides: list[str], progress: bool) -> int:
     spec = JobSpec.from_dict({"prompts": str(prompts), "output": str(folder / "output"), "prior": str(prior),
                               "decoder": str(decoder), "height": 256, "width": 256}).with_overrides(overrides)
     code = run(spec, force=False, progress=progress)
-    print(f"images: {folder / 'output' / 'images'}\nmanifest: {folder / 'output' / 'manifest'}")
+    print(f"output: {spec.output} (`wurstfabrik status {spec.output}`, `wurstfabrik preview {spec.output}`)")
     return code
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wurstfabrik", description="Batch image generation with Würstchen on Ray.")
+    p = argparse.ArgumentParser(prog="wurstfabrik", description="Batch image generation with Würstchen on Ray.",
+                                epilog="exit codes: 0 done; 1 images failed, missing or stopped (rerun); 2 bad "
+                                       "spec/input/storage/checkpoint; 3 output leased by another run")
     sub = p.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="generate the images of a job spec (YAML)")
     run_p.add_argument("spec", help="job spec, a YAML file")
@@ -94,8 +107,12 @@ def parser() -> argparse.ArgumentParser:
     run_p.add_argument("--force", action="store_true",
                        help="run even if the output holds images made with other generation parameters")
     run_p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    status_p = sub.add_parser("status", help="counts by status and missing images of an output")
+    status_p = sub.add_parser("status", help="counts by status, failed images, last runs and lease of an output")
     status_p.add_argument("output", help="the job's output folder or s3:// prefix")
+    preview_p = sub.add_parser("preview", help="a contact sheet and an HTML page of a sample of an output")
+    preview_p.add_argument("output", help="the job's output folder or s3:// prefix")
+    preview_p.add_argument("--n", type=int, default=64, help="how many images (default 64)")
+    preview_p.add_argument("--to", default=None, help="where to write (default: OUTPUT/preview/)")
     demo_p = sub.add_parser("demo", help="run a job of a few dozen prompts on a tiny offline checkpoint")
     demo_p.add_argument("--dir", default="demo", type=Path, help="where the demo's inputs and output go")
     demo_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -103,18 +120,46 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is logged (the driver's threads log after main returns)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _log_to_stderr() -> None:
+    """wurstfabrik's own messages, as plain lines on stderr; other libraries keep their own logging."""
+    logger = logging.getLogger("wurstfabrik")
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_to_stderr()
     try:
         if args.command == "run":
-            return run(load_spec(args.spec, args.overrides), args.force, not args.no_progress)
+            spec = load_spec(args.spec, args.overrides)
+            with filtered_stderr():
+                return run(spec, args.force, not args.no_progress)
         if args.command == "status":
             return status(args.output)
-        return demo(args.dir, args.overrides, not args.no_progress)
+        if args.command == "preview":
+            return preview(args.output, args.n, args.to)
+        with filtered_stderr():
+            return demo(args.dir, args.overrides, not args.no_progress)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -1,41 +1,65 @@
-"""The driver: checks the spec against its output, plans the work, and runs the Ray Data chain
-read → prior → decoder → write, with progress, resume and a final summary."""
+"""The driver: checks everything it can before any work (spec, checkpoints, inputs, placement), takes the output's
+lease, plans, runs the Ray Data chain read → prior → decoder → encode → write, and records how the run went."""
 
-import hashlib
+from __future__ import annotations
+
 import json
 import logging
+import math
 import os
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
 from pipeline.geometry import Geometry
-from workers.decoder_stage import DecoderStage
-from workers.faults import FAULTS_ENV
-from workers.prior_stage import PriorStage
-from workers.writer_stage import write_images
-
-from .manifest import (
+from pipeline.prompt_syntax import check_prompt_syntax
+from store.formats import open_format
+from store.formats.shards import shard_number, stored_shard_numbers
+from store.lease import Holder, Lease
+from store.manifest import (
+    MANIFEST_SCHEMA,
     compact,
-    job_rows,
-    latest_status,
+    image_states,
+    input_failures,
+    keys_in,
     read_job_params,
     read_manifest,
+    store_part,
     summarize,
     write_job_params,
     write_summary,
 )
-from .plan import Plan, ReadUnit, plan_job, unit_images
+from store.runs import RUNNING, unfinished_runs, write_run
+from store.storage import Output, S3Settings, StorageError, open_output
+from workers.decoder_stage import DecoderStage
+from workers.encoder_stage import encode_images
+from workers.faults import FAULTS_ENV
+from workers.models import StageModels
+from workers.prior_stage import PriorStage
+from workers.reader_stage import read_unit
+from workers.shard_numbers import ShardNumbers
+from workers.writer_stage import write_images
+
+from .plan import Plan, Scan, plan_units, scan_inputs
+from .provenance import checkpoint_identity, job_id, job_params, sample_provenance, wurstfabrik_version
+from .quiet import quiet_ray_logs
+from .resources import READ_CPUS, ClusterShape, demands, pending_demands, stage_gpus, unschedulable
 from .spec import JobSpec
-from .storage import Output, open_output
+from .supervisor import LeaseKeeper, RunStopped, Supervisor, Watchdog
 
 log = logging.getLogger("wurstfabrik")
-# Writer batches between merges of the manifest's small parts: a long job leaves hundreds, not millions.
-COMPACT_EVERY = 256
+COMPACT_EVERY_S = 30.0  # merge the manifest's parts this often while a job runs
+
+# Exit codes; the README lists them for schedulers.
+EXIT_DONE, EXIT_INCOMPLETE, EXIT_REFUSED, EXIT_LEASED = 0, 1, 2, 3
 
 
 class JobError(Exception):
@@ -46,31 +70,22 @@ class JobError(Exception):
 class JobResult:
     summary: dict
     output: str
+    exit_code: int = EXIT_DONE
+    message: str | None = None
 
     @property
     def failed(self) -> int:
         return self.summary["status"].get("failed", 0)
 
 
-def job_id(spec: JobSpec) -> str:
-    """Names the set of images a spec describes: a hash of the fields that decide their content."""
-    params = json.dumps(spec.generation_params(), sort_keys=True)
-    return hashlib.sha256(params.encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Job:
+    """What the stages need to know of the job beyond its spec."""
 
-
-def done_images(output: Output, current_job: str) -> set[tuple[str, int]]:
-    return {key for key, row in latest_status(job_rows(read_manifest(output), current_job)).items()
-            if row["status"] == "ok"}
-
-
-def check_resume(spec: JobSpec, output: Output, force: bool) -> None:
-    recorded = read_job_params(output)
-    if recorded is None or recorded.get("params") == spec.generation_params() or force:
-        return
-    current, before = spec.generation_params(), recorded.get("params", {})
-    changed = sorted(k for k in current if before.get(k) != current[k])
-    raise JobError(f"{spec.output} holds images made with other generation parameters (changed: "
-                   f"{', '.join(changed) or 'unknown'}); name a new output, or pass --force to regenerate them all")
+    job_id: str
+    run_id: str
+    params: dict  # job params: generation fields and checkpoint identity
+    geometry: Geometry
 
 
 def local_folder(name: str) -> Path | None:
@@ -84,96 +99,365 @@ def local_geometry(spec: JobSpec) -> Geometry:
     return Geometry.from_checkpoints(local_folder(spec.prior), local_folder(spec.decoder))
 
 
+def size_problem(geometry: Geometry):
+    def check(height: int, width: int) -> str | None:
+        try:
+            geometry.check_size(height, width)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    return check
+
+
+def prompt_problem(syntax: str):
+    """The planner's check of a prompt's weighting syntax (None for plain prompts, which need none)."""
+    if syntax == "plain":
+        return None
+
+    def check(text: str) -> str | None:
+        try:
+            check_prompt_syntax(text, syntax)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    return check
+
+
 def for_workers(spec: JobSpec) -> JobSpec:
-    """The spec as the stages get it: local checkpoint folders made absolute, since workers may run elsewhere."""
-    local = {name: str(local_folder(getattr(spec, name))) for name in ("prior", "decoder")
+    """The spec as the stages get it: local folders made absolute, since workers may run elsewhere."""
+    local = {name: str(local_folder(getattr(spec, name))) for name in ("prior", "prior_text", "decoder")
              if local_folder(getattr(spec, name))}
+    if spec.compile_cache and not spec.compile_cache.startswith("s3://"):
+        local["compile_cache"] = str(Path(spec.compile_cache).expanduser().absolute())
     return spec.model_copy(update=local)
 
 
-def connect_ray() -> None:
-    """Joins the cluster in RAY_ADDRESS (as under `ray job submit`), or starts a local Ray in-process."""
+def check_resume(params: dict, output: Output, force: bool, spec: JobSpec) -> None:
+    recorded = read_job_params(output)
+    if recorded is None or force:
+        return
+    before = recorded.get("params", {})
+    # Outputs written before checkpoint identities were recorded have no such keys; compare what both have.
+    compared = {k: v for k, v in params.items() if k in before or not k.endswith("_checkpoint")}
+    changed = sorted(k for k in compared if before.get(k) != compared[k])
+    if changed:
+        raise JobError(f"{spec.output} holds images made with other generation parameters (changed: "
+                       f"{', '.join(changed)}); name a new output, or pass --force to regenerate them all")
+
+
+def connect_ray(spec: JobSpec) -> None:
+    """Joins the cluster in RAY_ADDRESS (as under `ray job submit`), or starts a local Ray in-process with enough
+    logical CPUs for the placement (they are scheduling slots; the stages share the real cores)."""
+    quiet_ray_logs()
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level=logging.WARNING)
+            ray.init(logging_level=logging.WARNING, log_to_driver=True)
         else:
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level=logging.WARNING)
+            needed = sum(d.count * d.bundle.get("CPU", 0) for d in demands(spec.placement, 0, 0))
+            ray.init(num_cpus=max(math.ceil(needed), os.cpu_count() or 1), logging_level=logging.WARNING,
+                     include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows its own
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def stage_gpus(requested: float | None) -> float:
-    if requested is not None:
-        return requested
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+def ray_job_name() -> str | None:
+    """The Ray job submission id when run by `ray job submit`, else the Ray job id once connected."""
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if config:
+        try:
+            return json.loads(config)["metadata"]["job_submission_id"]
+        except (ValueError, KeyError, TypeError):
+            pass
+    return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
 
 
-def read_unit(item: dict, spec: JobSpec, geometry: Geometry) -> list[dict]:
-    return unit_images(spec, geometry, ReadUnit(**item))
-
-
-def build_dataset(spec: JobSpec, plan: Plan, geometry: Geometry, current_job: str) -> "ray.data.Dataset":
-    """The whole dataflow: one read task per row group, then two GPU actor pools, then CPU writers."""
+def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tuple[float, float],
+                  shard_numbers) -> ray.data.Dataset:
+    """The whole dataflow: read tasks, two GPU actor pools, then CPU encoders and writers."""
     place = spec.placement
+    settings = getattr(output, "settings", None)
     env = {FAULTS_ENV: os.environ[FAULTS_ENV]} if os.environ.get(FAULTS_ENV) else {}
     runtime_env = {"env_vars": env} if env else None
     actor_args = {"max_restarts": place.max_restarts, "max_task_retries": place.max_task_retries}
     # Ray 2.60 has no named parameter for actor restarts; its generic remote args warn of deprecation.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-    return (
+    formats = open_format(spec.output_format, spec.format, spec.shard_size)
+    writers = ray.data.TaskPoolStrategy(size=place.writer_concurrency)
+    models = StageModels.from_job(job.params, job.geometry, settings)
+    job_info = {"job_id": job.job_id, "run_id": job.run_id, "params": json.dumps(spec.sampler_params(),
+                                                                                  sort_keys=True),
+                "provenance": sample_provenance(job.params, job.job_id)}
+    encoded = (
         ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units)))
-        .flat_map(read_unit, fn_kwargs={"spec": spec, "geometry": geometry}, num_cpus=0.25,
+        .flat_map(read_unit, fn_kwargs={"spec": spec, "settings": settings}, num_cpus=READ_CPUS,
                   runtime_env=runtime_env)
         # A read unit's rows would otherwise travel as one block, and the decoder would wait for the prior to
         # finish all of them; blocks of one prior batch keep both pools busy from the first batch on.
         .repartition(target_num_rows_per_block=place.prior_batch_size)
-        .map_batches(PriorStage, fn_constructor_kwargs={"spec": spec}, batch_size=place.prior_batch_size,
-                     compute=ray.data.ActorPoolStrategy(size=place.prior_actors), num_gpus=stage_gpus(place.prior_gpus),
+        .map_batches(PriorStage, fn_constructor_kwargs={"spec": spec, "models": models},
+                     batch_size=place.prior_batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=place.prior_actors), num_gpus=gpus[0],
                      num_cpus=place.prior_cpus, resources=place.prior_resources or None, runtime_env=runtime_env,
                      **actor_args)
-        .map_batches(DecoderStage, fn_constructor_kwargs={"spec": spec}, batch_size=place.decoder_batch_size,
-                     compute=ray.data.ActorPoolStrategy(size=place.decoder_actors),
-                     num_gpus=stage_gpus(place.decoder_gpus), num_cpus=place.decoder_cpus,
-                     resources=place.decoder_resources or None, runtime_env=runtime_env, **actor_args)
-        .map_batches(write_images, fn_kwargs={"spec": spec, "job_id": current_job}, batch_size=None,
-                     num_cpus=place.writer_cpus, compute=ray.data.TaskPoolStrategy(size=place.writer_concurrency),
+        .map_batches(DecoderStage, fn_constructor_kwargs={"spec": spec, "models": models},
+                     batch_size=place.decoder_batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=place.decoder_actors), num_gpus=gpus[1],
+                     num_cpus=place.decoder_cpus, resources=place.decoder_resources or None,
+                     runtime_env=runtime_env, **actor_args)
+        # Ray's default scheduling puts a task where its input block is: encoding runs beside the decoder that
+        # made the pixels (when that node has a free CPU), so only compressed images cross the network.
+        .map_batches(encode_images, fn_kwargs={"image_format": spec.format, "quality": spec.quality},
+                     batch_size=None, num_cpus=place.writer_cpus, compute=writers, scheduling_strategy="DEFAULT",
                      runtime_env=runtime_env)
     )
+    if formats.batch_size:
+        # A shard format writes one shard per block: blocks of exactly shard_size encoded images (the last one
+        # smaller), gathered after encoding, so a writer never holds a shard's raw pixels.
+        encoded = encoded.repartition(target_num_rows_per_block=formats.batch_size, strict=True)
+    return encoded.map_batches(
+        write_images, fn_kwargs={"output": output, "output_format": spec.output_format, "image_format": spec.format,
+                                 "shard_size": spec.shard_size, "job": job_info, "shard_numbers": shard_numbers},
+        batch_size=None, num_cpus=place.writer_cpus, compute=writers, runtime_env=runtime_env)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Run:
+    """One run of a spec against its output: the bookkeeping around the dataflow."""
+
+    def __init__(self, spec: JobSpec, force: bool, progress: bool):
+        self.spec, self.force, self.progress = spec, force, progress
+        self.run_id = uuid.uuid4().hex[:12]
+        self.started = _now()
+        self.clock = time.perf_counter()
+        self.settings = S3Settings(outage_s=spec.resilience.storage_outage_s)
+        self.output = open_output(spec.output, self.settings)
+        self.generated = self.failed = 0
+        self.record: dict = {}
+
+    def prepare(self) -> tuple[dict, Geometry, Scan]:
+        """Everything that reads and writes nothing of the output's state: spec, checkpoints, inputs."""
+        spec = self.spec
+        prior = checkpoint_identity(spec.prior, "prior", spec.prior_text)
+        decoder = checkpoint_identity(spec.decoder, "decoder")
+        self.output.check_writable()
+        params = job_params(spec, prior, decoder)
+        check_resume(params, self.output, self.force, spec)
+        geometry = local_geometry(spec)
+        scan = scan_inputs(spec, size_problem(geometry), prompt_problem(spec.prompt_syntax), self.settings)
+        return params, geometry, scan
+
+    def placement(self) -> tuple[float, float]:
+        """GPUs per prior and decoder actor; refuses a placement the cluster can never schedule."""
+        cluster = ClusterShape.current()
+        place = self.spec.placement
+        gpus = stage_gpus(place, cluster)
+        problem = unschedulable(demands(place, *gpus), cluster)
+        if problem:
+            raise JobError(problem)
+        return gpus
+
+    def write_record(self, state: str, **fields) -> None:
+        self.record.update(state=state, **fields)
+        try:
+            write_run(self.output, self.record)
+        except StorageError as e:  # the record is for people; failing to write it must not fail the run
+            log.warning("could not write the run record: %s", e)
 
 
 def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobResult:
-    """Generates every image of the spec that its output does not hold yet."""
-    started = time.perf_counter()
-    output = open_output(spec.output)
-    output.check_writable()
-    check_resume(spec, output, force)
-    current_job = job_id(spec)
-    geometry = local_geometry(spec)
-    plan = plan_job(spec, geometry, done_images(output, current_job))
-    write_job_params(output, {"job_id": current_job, "params": spec.generation_params(),
-                              "total_images": plan.total_images, "spec": spec.model_dump(mode="json")})
-    log.info("%d images in all, %d already done, %d to generate", plan.total_images, plan.done_images,
-             plan.pending_images)
-    generated = failed = 0
-    if plan.units:
-        connect_ray()
-        bar = tqdm(total=plan.total_images, initial=plan.done_images, unit="img", disable=not progress,
-                   desc="images", dynamic_ncols=True)
+    """Generates every image of the spec that its output does not hold yet.
+
+    Raises JobError, SpecError-like input errors, CheckpointError or StorageError before any work; LeaseHeld if
+    another run holds the output. Once the run holds the lease, it returns a JobResult whatever happens."""
+    run = Run(spec, force, progress)
+    params, geometry, scan = run.prepare()
+    connect_ray(spec)
+    gpus = run.placement()
+    current_job = job_id(params)
+    lease = Lease(run.output, Holder.for_this_process(run.run_id, ray_job_name()), spec.resilience.lease_stale_s)
+    took_over = lease.acquire()
+    if took_over is not None:
+        log.warning("took over the output's lease from %s, which %s", took_over.describe(),
+                    "is no longer running here" if took_over.died_here() else
+                    f"was not renewed for {took_over.age_s():.0f} s")
+    supervisor = Supervisor()
+    keeper = LeaseKeeper(supervisor, lease)
+    keeper.start()
+    try:
+        with supervisor:
+            return _run_under_lease(run, supervisor, params, geometry, scan, gpus, current_job, took_over)
+    finally:
+        keeper.done.set()
+        try:
+            lease.release()
+        except Exception as e:  # lost or unreachable: the lease goes stale on its own
+            log.warning("could not release the output's lease: %s", e)
+
+
+def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: Geometry, scan: Scan,
+                     gpus: tuple[float, float], current_job: str, took_over) -> JobResult:
+    spec, output = run.spec, run.output
+    run.record = {"run_id": run.run_id, "job_id": current_job, "started": run.started, "host": os.uname().nodename,
+                  "pid": os.getpid(), "ray_job": ray_job_name(), "wurstfabrik": wurstfabrik_version(),
+                  "output": spec.output, "spec": spec.model_dump(mode="json"),
+                  "took_over_lease_from": asdict(took_over) if took_over else None}
+    plan = None
+    try:
+        with supervisor.critical():
+            check_resume(params, output, run.force, spec)  # another run may have finished in between
+            dead = unfinished_runs(output, run.run_id)
+            for record in dead:
+                log.warning("run %s (started %s on %s) did not finish: its record still says running",
+                            record.get("run_id"), record.get("started"), record.get("host"))
+            run.record["unfinished_before"] = [r.get("run_id") for r in dead]
+            run.write_record(RUNNING)
+        plan = plan_units(spec, scan, read_manifest(output, ["prompt_id", "image_index"], current_job, "ok"))
+        new_bad = _unrecorded_bad_rows(plan.bad, output, current_job)
+        run.record["planned"] = {"total_images": plan.total_images, "done_before": plan.done_images,
+                                 "to_generate": plan.pending_images, "bad_input": plan.bad.num_rows}
+        log.info("%d images in all, %d already done, %d to generate%s", plan.total_images, plan.done_images,
+                 plan.pending_images, f", {plan.bad.num_rows} refused as bad input" if plan.bad.num_rows else "")
+        with supervisor.critical():
+            write_job_params(output, {"job_id": current_job, "params": params, "total_images": plan.total_images,
+                                      "wurstfabrik": wurstfabrik_version(), "spec": spec.model_dump(mode="json")})
+            if new_bad.num_rows:
+                _record_bad_rows(output, new_bad, current_job, run.run_id, spec)
+            _remove_orphan_shards(spec, output)
+        if plan.units:
+            _generate(run, supervisor, plan, Job(current_job, run.run_id, params, geometry), gpus)
+        with supervisor.critical():
+            _remove_orphan_shards(spec, output)
+            compact(output)
+        return _finish(run, plan, current_job, None, None)
+    except RunStopped as e:
+        return _finish(run, plan, current_job, e.reason, e.exit_code)
+    except StorageError as e:
+        return _finish(run, plan, current_job, f"storage failed: {e}", EXIT_INCOMPLETE)
+    except ray.exceptions.RayError as e:
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        log.debug("the dataflow failed", exc_info=True)
+        return _finish(run, plan, current_job, f"the dataflow failed: {cause}", EXIT_INCOMPLETE)
+
+
+def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tuple[float, float]) -> None:
+    spec, output = run.spec, run.output
+    fmt = open_format(spec.output_format, spec.format, spec.shard_size)
+    shard_numbers = None
+    if fmt.shard_prefix is not None:
+        shard_numbers = ShardNumbers.remote(sorted(stored_shard_numbers(output, fmt.shard_prefix)))
+    watchdog = Watchdog(supervisor, spec.resilience.stall_s, pending_demands)
+    watchdog.start()
+    bar = tqdm(total=plan.total_images, initial=plan.done_images + plan.bad.num_rows, unit="img",
+               disable=not run.progress, desc="images", dynamic_ncols=True)
+    last_compact = time.monotonic()
+    try:
         with bar:
-            dataset = build_dataset(for_workers(spec), plan, geometry, current_job)
-            for number, batch in enumerate(dataset.iter_batches(batch_size=None), start=1):
-                if number % COMPACT_EVERY == 0:
-                    compact(output, small_only=True)
-                generated += int((batch["status"] == "ok").sum())
-                failed += int((batch["status"] == "failed").sum())
-                bar.update(len(batch["status"]))
-                bar.set_postfix(failed=failed)
-    elapsed = time.perf_counter() - started
-    compact(output)  # one part per batch is durable while running; one part in all is quick to resume from
-    summary = summarize(job_rows(read_manifest(output), current_job), elapsed_s=elapsed)
+            dataset = build_dataset(for_workers(spec), plan, job, output, gpus, shard_numbers)
+            for batch in dataset.iter_batches(batch_size=None):
+                watchdog.progress()
+                statuses = batch["status"]
+                run.generated += int((statuses == "ok").sum())
+                run.failed += int((statuses == "failed").sum())
+                bar.update(len(statuses))
+                bar.set_postfix(failed=run.failed)
+                errors = [e for e in batch["storage_error"] if e]
+                if errors:
+                    supervisor.stop(f"storage failed: {errors[0]}")
+                supervisor.check()
+                if time.monotonic() - last_compact > COMPACT_EVERY_S:
+                    with supervisor.critical():
+                        _compact_quietly(output)
+                    last_compact = time.monotonic()
+    finally:
+        watchdog.done.set()
+
+
+def _compact_quietly(output: Output) -> None:
+    try:
+        compact(output)
+    except StorageError as e:  # the parts stay as they are; the next merge picks them up
+        log.warning("could not merge the manifest's parts now: %s", e)
+
+
+def _unrecorded_bad_rows(bad: pa.Table, output: Output, current_job: str) -> pa.Table:
+    """Bad rows not already recorded as failed by an earlier run, so reruns do not pile up duplicates."""
+    if bad.num_rows == 0:
+        return bad
+    failed = image_states(output, current_job).failed
+    recorded = failed.filter(input_failures(failed))
+    return bad.filter(pa.array(~keys_in(bad, recorded)))
+
+
+def _record_bad_rows(output: Output, bad: pa.Table, current_job: str, run_id: str, spec: JobSpec) -> None:
+    n = bad.num_rows
+    given = {"job_id": [current_job] * n, "prompt_id": bad.column("prompt_id"),
+             "image_index": bad.column("image_index"),
+             "params": [json.dumps(spec.sampler_params(), sort_keys=True)] * n, "status": ["failed"] * n,
+             "error": bad.column("error"), "source": bad.column("source"), "run_id": [run_id] * n,
+             "finished_at": [datetime.now(timezone.utc)] * n}
+    arrays = [pa.array(given[f.name], type=f.type) if isinstance(given.get(f.name), list)
+              else given[f.name].cast(f.type) if f.name in given else pa.nulls(n, f.type) for f in MANIFEST_SCHEMA]
+    store_part(output, pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA))
+
+
+def _remove_orphan_shards(spec: JobSpec, output: Output) -> None:
+    """Deletes shards that no manifest row names: written by a run that was killed before it recorded them.
+    Runs under the lease with no writer going, so no shard is mid-write."""
+    fmt = open_format(spec.output_format, spec.format, spec.shard_size)
+    if fmt.shard_prefix is None:
+        return
+    stored = stored_shard_numbers(output, fmt.shard_prefix)
+    if not stored:
+        return
+    uris = read_manifest(output, ["uri", "status"]).column("uri").unique().to_pylist()
+    named = {shard_number(u) for u in uris if u and f"/{fmt.shard_prefix}" in u}
+    for number in sorted(stored - named):
+        log.info("removing shard %d: no manifest row names it (a run stopped before recording it)", number)
+        for key in fmt.shard_objects(number):
+            output.delete(key)
+
+
+def _finish(run: Run, plan: Plan | None, current_job: str, stop_reason: str | None,
+            stop_code: int | None) -> JobResult:
+    """Summary, run record and exit code; a storage outage here still leaves an exit code and a message."""
+    spec, output = run.spec, run.output
+    elapsed = time.perf_counter() - run.clock
+    total = plan.total_images if plan else 0
+    with_summary = True
+    try:
+        run_rows = read_manifest(output, ["run_id", "status", "prior_s", "decoder_s", "write_s"], current_job)
+        run_rows = run_rows.filter(pc.equal(run_rows.column("run_id"), run.run_id))
+        summary = summarize(image_states(output, current_job), run_rows, elapsed_s=elapsed)
+    except StorageError as e:
+        with_summary = False
+        summary = {"images": None, "status": {"ok": None, "failed": None}, "bad_input": None,
+                   "error": f"could not read the manifest: {e}"}
+    counts = summary["status"]
     # Throughput of this run alone: images recorded by earlier runs took none of its time.
-    summary.update(job_id=current_job, total_images=plan.total_images, generated_now=generated,
-                   failed_now=failed, images_per_s=generated / elapsed,
-                   missing=max(0, plan.total_images - sum(summary["status"].values())), output=spec.output)
-    write_summary(output, summary)
-    return JobResult(summary, spec.output)
+    summary.update(job_id=current_job, run_id=run.run_id, total_images=total, generated_now=run.generated,
+                   failed_now=run.failed, images_per_s=run.generated / elapsed if elapsed else None,
+                   output=spec.output)
+    if with_summary:
+        summary["missing"] = max(0, total - counts["ok"] - counts["failed"])
+        retryable = counts["failed"] - summary["bad_input"]
+        exit_code = EXIT_DONE if not retryable and not summary["missing"] else EXIT_INCOMPLETE
+    else:
+        summary["missing"] = None
+        exit_code = EXIT_INCOMPLETE
+    if stop_code is not None:
+        exit_code = stop_code
+    state = "finished" if stop_reason is None else ("interrupted" if stop_code and stop_code > 128 else "stopped")
+    if with_summary:
+        try:
+            write_summary(output, summary)
+        except StorageError as e:
+            log.warning("could not write the summary: %s", e)
+    run.write_record(state, finished=_now(), elapsed_s=round(elapsed, 3), generated=run.generated,
+                     failed=run.failed, skipped_bad_input=plan.bad.num_rows if plan else 0,
+                     images_per_s=summary["images_per_s"], status=counts, missing=summary["missing"],
+                     exit_code=exit_code, message=stop_reason)
+    return JobResult(summary, spec.output, exit_code, stop_reason)

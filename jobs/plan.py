@@ -1,31 +1,28 @@
-"""Input planning: find the prompt files, validate every row before any work starts, and cut the work into
-read units (one per Parquet row group) holding only the images that are not done yet."""
+"""Input planning: find the prompt files, check every row before any work starts, and cut the work into read
+units (slices of Parquet row groups) holding only the images that are not done yet.
 
-import fnmatch
-import glob
-import os
+Everything is Arrow: each row group's prompt column is read, checked with pyarrow.compute and dropped; the driver
+keeps only the prompt ids (to find duplicates and done images) and per-unit offsets of what is left to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from pipeline.geometry import Geometry
+from store.ids import InputError
+from store.manifest import INPUT_ERROR_PREFIX
+from store.membership import is_member
+from store.prompts import Columns, ReadUnit, check_columns, file_name, open_parquet, prompt_ids, row_ids, row_problems
+from store.storage import S3Settings, StorageError, list_files
 
-from .ids import InputError, explicit_seed, image_seed, row_id, sanitize_id
-from .spec import MAX_SIDE, JobSpec
-from .storage import StorageError, parquet_filesystem
-
-MAX_PROMPT_CHARS = 2000  # CLIP reads 77 tokens; a prompt far longer than that is a wrong column, not a prompt
 MAX_REPORTED_PROBLEMS = 20
-
-
-@dataclass(frozen=True)
-class ReadUnit:
-    uri: str  # the Parquet file, as given to parquet_filesystem
-    row_group: int
-    first_row: int  # row number in the file of the group's first row
-    done: tuple[int, ...] = ()  # row * images_per_prompt + image_index of images already generated
+# Rows per read unit: one read task's worth; a row group of a million rows becomes a few dozen units.
+UNIT_ROWS = 16384
 
 
 @dataclass
@@ -33,183 +30,185 @@ class Plan:
     units: list[ReadUnit] = field(default_factory=list)
     total_images: int = 0
     done_images: int = 0
+    # Images of rows refused as bad input (bad_rows: skip): prompt_id, image_index, source, error.
+    bad: pa.Table = field(default_factory=lambda: BAD_SCHEMA.empty_table())
 
     @property
     def pending_images(self) -> int:
-        return self.total_images - self.done_images
+        return self.total_images - self.done_images - self.bad.num_rows
 
 
-def _glob_to_files(fs: pafs.FileSystem, base: str, pattern: str | None) -> list[str]:
-    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-    files = [info.path for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
-    if pattern is not None:
-        return sorted(p for p in files if fnmatch.fnmatch(p, pattern))
-    return sorted(p for p in files if p.endswith(".parquet"))
+BAD_SCHEMA = pa.schema([("prompt_id", pa.string()), ("image_index", pa.int32()), ("source", pa.string()),
+                        ("error", pa.string())])
 
 
-def list_input_files(prompts: str) -> list[str]:
+def list_input_files(prompts: str, settings: S3Settings | None = None) -> list[str]:
     """The Parquet files of a spec's `prompts`: a file, a folder, a glob, or an s3:// prefix; as URIs."""
     try:
-        fs, path = parquet_filesystem(prompts)
-        scheme = "s3://" if prompts.startswith("s3://") else ""
-        if any(c in path for c in "*?["):
-            if scheme:
-                base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
-                files = _glob_to_files(fs, base, path)
-            else:
-                files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-        else:
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.File:
-                files = [path]
-            elif info.type == pafs.FileType.Directory or scheme:
-                files = _glob_to_files(fs, path.rstrip("/"), None)
-            else:
-                raise InputError(f"prompts: {prompts} does not exist")
+        files = list_files(prompts, suffix=".parquet", settings=settings)
     except OSError as e:
         raise StorageError(f"prompts: cannot list {prompts} ({e})") from None
+    if files is None and not prompts.startswith("s3://") and not any(c in prompts for c in "*?["):
+        raise InputError(f"prompts: {prompts} does not exist")
     if not files:
         raise InputError(f"prompts: no Parquet files found at {prompts}")
-    return [scheme + f for f in files]
+    return files
 
 
-def _file_name(uri: str) -> str:
-    return uri.rsplit("/", 1)[-1]
+@dataclass
+class Scan:
+    """What planning keeps of every input row: its id and where it is, and the problems of bad rows."""
+
+    files: list[str]
+    ids: list[pa.Array] = field(default_factory=list)  # one array of prompt ids per row group
+    groups: list[tuple[int, int, int, int]] = field(default_factory=list)  # file, group, first row, rows
+    bad: dict[int, dict[int, str]] = field(default_factory=dict)  # group number → row offset → problem
 
 
-def _is_text(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
-
-
-def _column_types(spec: JobSpec) -> dict:
-    """The input columns a spec reads, each with the check its Arrow type must pass."""
-    roles = [(spec.prompt_column, _is_text), (spec.id_column, lambda t: _is_text(t) or pa.types.is_integer(t)),
-             (spec.negative_prompt_column, _is_text), (spec.seed_column, pa.types.is_integer),
-             (spec.height_column, pa.types.is_integer), (spec.width_column, pa.types.is_integer)]
-    return {column: accepts for column, accepts in roles if column is not None}
-
-
-def _columns(spec: JobSpec) -> list[str]:
-    return list(_column_types(spec))
-
-
-def _check_columns(spec: JobSpec, uri: str, schema: pa.Schema) -> None:
-    for column, accepts in _column_types(spec).items():
-        if column not in schema.names:
-            raise InputError(f"{uri}: no column {column!r} (columns: {', '.join(schema.names)})")
-        if not accepts(schema.field(column).type):
-            raise InputError(f"{uri}: column {column!r} has type {schema.field(column).type}, which cannot be used")
-
-
-def image_rows(spec: JobSpec, geometry: Geometry, uri: str, first_row: int, table: pa.Table):
-    """The images of one row group: yields (row number, image index, image row or None, problem or None)."""
-    data = {name: table.column(name).to_pylist() for name in _columns(spec)}
-    file_name = _file_name(uri)
-    for offset, prompt in enumerate(data[spec.prompt_column]):
-        row = first_row + offset
-        where = f"{uri} row {row}"
-        try:
-            if prompt is None:
-                raise InputError(f"{where}: {spec.prompt_column} is null")
-            if not prompt.strip():
-                raise InputError(f"{where}: {spec.prompt_column} is empty")
-            if len(prompt) > MAX_PROMPT_CHARS:
-                raise InputError(f"{where}: {spec.prompt_column} has {len(prompt)} characters, more than "
-                                 f"{MAX_PROMPT_CHARS}; is {spec.prompt_column!r} the prompt column?")
-            raw_id = data[spec.id_column][offset] if spec.id_column else None
-            if spec.id_column and raw_id is None:
-                raise InputError(f"{where}: {spec.id_column} is null")
-            prompt_id = sanitize_id(raw_id) if spec.id_column else row_id(file_name, row)
-            negative = data[spec.negative_prompt_column][offset] if spec.negative_prompt_column else None
-            height = data[spec.height_column][offset] if spec.height_column else None
-            width = data[spec.width_column][offset] if spec.width_column else None
-            height, width = height or spec.height, width or spec.width
-            try:
-                if not 0 < height <= MAX_SIDE or not 0 < width <= MAX_SIDE:
-                    raise ValueError(f"height/width {height}×{width} is outside 1..{MAX_SIDE}")
-                geometry.check_size(height, width)
-            except ValueError as e:
-                raise InputError(f"{where}: {e}") from None
-            row_seed = data[spec.seed_column][offset] if spec.seed_column else None
-        except InputError as e:
-            yield row, None, None, str(e).replace("id: ", f"{where}: id ")
-            continue
-        for index in range(spec.images_per_prompt):
-            try:
-                seed = explicit_seed(row_seed, index) if row_seed is not None else image_seed(spec.seed, prompt_id,
-                                                                                               index)
-            except InputError as e:
-                yield row, index, None, f"{where}: {e}"
-                continue
-            yield row, index, {
-                "prompt_id": prompt_id, "image_index": index, "prompt": prompt,
-                "negative_prompt": negative if negative is not None else spec.negative_prompt,
-                "seed": seed, "height": height, "width": width, "source": f"{file_name}#{row}",
-            }, None
-
-
-def read_row_group(uri: str, row_group: int, columns: list[str]) -> pa.Table:
-    fs, path = parquet_filesystem(uri)
-    with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).read_row_group(row_group, columns=columns)
-
-
-def plan_job(spec: JobSpec, geometry: Geometry, done: set[tuple[str, int]]) -> Plan:
-    """Validates every input row and returns the read units of the images not in `done`.
-
-    All problems are collected (up to a limit) and raised together as one InputError, before any work."""
-    files = list_input_files(spec.prompts)
+def scan_inputs(spec, check_size: Callable[[int, int], str | None],
+                check_prompt: Callable[[str], str | None] | None = None,
+                settings: S3Settings | None = None) -> Scan:
+    """Reads and checks every input row. With bad_rows: refuse, problems are collected (up to a limit) and
+    raised together as one InputError; with skip, they stay in the scan and become failed rows."""
+    files = list_input_files(spec.prompts, settings)
     by_name: dict[str, str] = {}
     for uri in files:
-        other = by_name.setdefault(_file_name(uri), uri)
+        other = by_name.setdefault(file_name(uri), uri)
         if other != uri and spec.id_column is None:
             raise InputError(f"prompts: {other} and {uri} have the same file name, so their row ids would "
                              f"collide; rename one or set id_column")
-    plan = Plan()
-    problems: list[str] = []
-    seen: dict[str, str] = {}
-    for uri in files:
-        fs, path = parquet_filesystem(uri)
-        try:
-            with fs.open_input_file(path) as f:
-                parquet = pq.ParquetFile(f)
-                _check_columns(spec, uri, parquet.schema_arrow)
-                first_row = 0
-                for group in range(parquet.num_row_groups):
-                    table = parquet.read_row_group(group, columns=_columns(spec))
-                    done_here = []
-                    for row, index, image, problem in image_rows(spec, geometry, uri, first_row, table):
-                        if problem is not None:
-                            problems.append(problem)
-                            continue
-                        if index == 0:
-                            where = seen.setdefault(image["prompt_id"], image["source"])
-                            if where != image["source"]:
-                                problems.append(f"{uri} row {row}: duplicate id {image['prompt_id']!r} "
-                                                f"(also {where})")
-                        plan.total_images += 1
-                        if (image["prompt_id"], index) in done:
-                            done_here.append(row * spec.images_per_prompt + index)
-                    if len(done_here) < table.num_rows * spec.images_per_prompt:
-                        plan.units.append(ReadUnit(uri, group, first_row, tuple(done_here)))
-                    plan.done_images += len(done_here)
-                    first_row += table.num_rows
-        except (pa.ArrowInvalid, OSError) as e:
-            raise InputError(f"{uri}: not a readable Parquet file ({e})") from None
-        if len(problems) >= MAX_REPORTED_PROBLEMS:
-            break
-    if problems:
+    skip = spec.bad_rows == "skip"
+    scan = _scan(spec, files, check_size, check_prompt, settings, stop_early=not skip)
+    if spec.id_column is not None:  # row ids (file name and row number) cannot repeat
+        _mark_duplicates(scan)
+    problems = [p for group in scan.bad.values() for p in group.values()]
+    if problems and not skip:
         shown = problems[:MAX_REPORTED_PROBLEMS]
         more = "" if len(problems) <= len(shown) else f"\n... and more (first {len(shown)} shown)"
         raise InputError(f"{len(problems)} bad input row(s), nothing was generated:\n  " + "\n  ".join(shown) + more)
+    return scan
+
+
+def plan_job(spec, check_size: Callable[[int, int], str | None], done: pa.Table | None = None,
+             check_prompt: Callable[[str], str | None] | None = None, settings: S3Settings | None = None) -> Plan:
+    """scan_inputs, then plan_units: the read units of every image not in `done`."""
+    return plan_units(spec, scan_inputs(spec, check_size, check_prompt, settings), done)
+
+
+def _scan(spec, files, check_size, check_prompt, settings, stop_early: bool) -> Scan:
+    columns = Columns.of(spec)
+    scan = Scan(files)
+    reported = 0
+    for file_index, uri in enumerate(files):
+        parquet = open_parquet(uri, settings)
+        try:
+            check_columns(columns, uri, parquet.schema_arrow)
+            first_row = 0
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=columns.names())
+                problems = row_problems(columns, uri, first_row, table, (spec.height, spec.width), check_size,
+                                        check_prompt)
+                if problems:
+                    scan.bad[len(scan.groups)] = problems
+                    reported += len(problems)
+                scan.ids.append(prompt_ids(columns, uri, first_row, table))
+                scan.groups.append((file_index, group, first_row, table.num_rows))
+                first_row += table.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{uri}: not a readable Parquet file ({e})") from None
+        finally:
+            parquet.close()
+        if stop_early and reported >= MAX_REPORTED_PROBLEMS:
+            break
+    return scan
+
+
+def _mark_duplicates(scan: Scan) -> None:
+    """Every row whose id an earlier row already has becomes a bad row naming that earlier row."""
+    if not scan.ids:
+        return
+    ids = pa.chunked_array(scan.ids, type=pa.string())
+    if pc.count_distinct(ids).as_py() + ids.null_count >= len(ids):
+        return
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    first_seen: dict[str, str] = {}
+    for number, (chunk, (file_index, _, first_row, _)) in enumerate(zip(scan.ids, scan.groups, strict=True)):
+        hits = np.flatnonzero(pc.fill_null(pc.is_in(chunk, value_set=repeated), False).to_numpy(
+            zero_copy_only=False))
+        uri = scan.files[file_index]
+        for i in hits:
+            prompt_id = chunk[int(i)].as_py()
+            where = f"{file_name(uri)}#{first_row + int(i)}"
+            earlier = first_seen.setdefault(prompt_id, where)
+            if earlier != where and int(i) not in scan.bad.get(number, {}):
+                scan.bad.setdefault(number, {})[int(i)] = (f"{uri} row {first_row + int(i)}: duplicate id "
+                                                           f"{prompt_id!r} (also {earlier})")
+
+
+def plan_units(spec, scan: Scan, done: pa.Table | None = None) -> Plan:
+    """The read units of every checked image not in `done` (prompt_id, image_index), and the bad rows' images."""
+    per_prompt = spec.images_per_prompt
+    # One membership test per image index over all ids at once: the done set is hashed once, not per group.
+    all_ids = pa.chunked_array(scan.ids, type=pa.string()) if scan.ids else None
+    done_masks = {index: is_member(all_ids, ids)
+                  for index, ids in _done_ids(done, per_prompt).items()} if all_ids is not None else {}
+    plan = Plan()
+    bad_parts = []
+    position = 0  # of the group's first row among all rows
+    for number, (ids, (file_index, group, first_row, rows)) in enumerate(zip(scan.ids, scan.groups, strict=True)):
+        uri = scan.files[file_index]
+        pending = np.ones((rows, per_prompt), dtype=bool)
+        for index, mask in done_masks.items():
+            is_done = mask[position:position + rows]
+            plan.done_images += int(is_done.sum())
+            pending[:, index] &= ~is_done
+        bad = scan.bad.get(number, {})
+        if bad:
+            offsets = np.fromiter(bad, dtype=np.int64)
+            bad_parts.append(_bad_images(uri, first_row, offsets, [bad[o] for o in offsets], ids, per_prompt))
+            pending[offsets, :] = False
+        plan.total_images += rows * per_prompt
+        for start in range(0, rows, UNIT_ROWS):
+            stop = min(rows, start + UNIT_ROWS)
+            todo = np.flatnonzero(pending[start:stop].reshape(-1)).astype(np.int32)
+            if len(todo) == 0:
+                continue
+            whole = len(todo) == (stop - start) * per_prompt
+            plan.units.append(ReadUnit(uri, group, first_row + start, start, stop,
+                                       None if whole else todo.tobytes()))
+        position += rows
+    if bad_parts:
+        plan.bad = pa.concat_tables(bad_parts)
     return plan
 
 
-def unit_images(spec: JobSpec, geometry: Geometry, unit: ReadUnit) -> list[dict]:
-    """The image rows of one read unit that are still to be generated (the planner validated them)."""
-    table = read_row_group(unit.uri, unit.row_group, _columns(spec))
-    done = set(unit.done)
-    images = [image for row, index, image, problem in image_rows(spec, geometry, unit.uri, unit.first_row, table)
-              if problem is None and row * spec.images_per_prompt + index not in done]
-    # Neighbours of one size fill model batches that need no splitting by size.
-    return sorted(images, key=lambda image: (image["height"], image["width"]))
+def _done_ids(done: pa.Table | None, per_prompt: int) -> dict[int, pa.Array]:
+    """The prompt ids done, per image index, for the indices this spec makes."""
+    if done is None or done.num_rows == 0:
+        return {}
+    if pc.max(done.column("image_index")).as_py() == 0:  # the common case: one image per prompt, nothing to copy
+        return {0: done.column("prompt_id")}
+    found = {}
+    for index in range(per_prompt):
+        ids = done.filter(pc.equal(done.column("image_index"), index)).column("prompt_id")
+        if len(ids):
+            found[index] = ids
+    return found
+
+
+def _bad_images(uri: str, first_row: int, offsets: np.ndarray, problems: list[str], ids: pa.Array,
+                per_prompt: int) -> pa.Table:
+    """The images of bad rows, as failed rows: a row with no usable id takes its file-and-row id."""
+    name = file_name(uri)
+    given = ids.take(pa.array(offsets)).to_pylist()
+    fallback = row_ids(uri, first_row, offsets).to_pylist()
+    duplicate = [" duplicate id " in p for p in problems]
+    # A duplicate's id belongs to the row that keeps it; the refused row is recorded under its file-and-row id.
+    chosen = [f if d or g is None else g for g, f, d in zip(given, fallback, duplicate, strict=True)]
+    return pa.table({
+        "prompt_id": pa.array([c for c in chosen for _ in range(per_prompt)], type=pa.string()),
+        "image_index": pa.array([i for _ in chosen for i in range(per_prompt)], type=pa.int32()),
+        "source": pa.array([f"{name}#{first_row + int(o)}" for o in offsets for _ in range(per_prompt)]),
+        "error": pa.array([INPUT_ERROR_PREFIX + p for p in problems for _ in range(per_prompt)]),
+    }, schema=BAD_SCHEMA)

@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     ValidationError,
@@ -29,6 +30,7 @@ RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 # Fields that decide what the images look like; a resumed job must match them exactly.
 GENERATION_FIELDS = (
     "prior",
+    "prior_text",
     "decoder",
     "height",
     "width",
@@ -49,6 +51,10 @@ GENERATION_FIELDS = (
     "width_column",
     "format",
     "quality",
+    "output_format",
+    "prompt_syntax",
+    "long_prompts",
+    "resize",
 )
 
 SAMPLER_FIELDS = (
@@ -78,15 +84,17 @@ class Placement(_Frozen):
     decoder_gpus: StrictFloat | None = Field(None, ge=0)
     prior_cpus: StrictFloat = Field(1.0, gt=0)
     decoder_cpus: StrictFloat = Field(1.0, gt=0)
-    writer_cpus: StrictFloat = Field(0.5, gt=0)
+    writer_cpus: StrictFloat = Field(0.5, gt=0)  # per encoder or writer task
     prior_batch_size: StrictInt = Field(8, ge=1)
     decoder_batch_size: StrictInt = Field(8, ge=1)
-    writer_concurrency: StrictInt = Field(2, ge=1)
+    # None: as many encoder and writer tasks as free CPUs allow (Ray Data scales them); a number caps each.
+    writer_concurrency: StrictInt | None = Field(None, ge=1)
     prior_resources: dict[str, StrictFloat] = Field(default_factory=dict)
     decoder_resources: dict[str, StrictFloat] = Field(default_factory=dict)
-    # -1 is Ray's "retry forever".
+    # -1 is Ray's "retry forever". A batch is retried for as long as its actor can be restarted: a restart on
+    # another node (the first one lost) takes longer than a few quick retries.
     max_restarts: StrictInt = Field(3, ge=-1)
-    max_task_retries: StrictInt = Field(3, ge=-1)
+    max_task_retries: StrictInt = Field(-1, ge=-1)
 
     @field_validator("prior_gpus", "decoder_gpus")
     @classmethod
@@ -107,6 +115,14 @@ class Placement(_Frozen):
             if amount < 0:
                 raise ValueError(f"{name!r} must be >= 0 (got {amount})")
         return resources
+
+
+class Resilience(_Frozen):
+    """How long a run waits out trouble before it gives up; does not change the images."""
+
+    storage_outage_s: StrictFloat = Field(60.0, ge=0)  # transient S3 failures are retried this long per request
+    lease_stale_s: StrictFloat = Field(300.0, gt=0)  # a lease not renewed this long belongs to a dead run
+    stall_s: StrictFloat = Field(1800.0, gt=0)  # no image finished this long: report Ray's pending work and stop
 
 
 def _check_location(value: str) -> str:
@@ -133,6 +149,8 @@ class JobSpec(_Frozen):
     output: str = "output"  # a local folder, relative to where the job runs
 
     prior: str = "warp-ai/wuerstchen-prior"
+    # Where a model-only prior (warp-ai/wuerstchen-prior-model-base, -interpolated) takes its text encoder from.
+    prior_text: str = "warp-ai/wuerstchen-prior"
     decoder: str = "warp-ai/wuerstchen"
 
     height: StrictInt = Field(1024, gt=0, le=MAX_SIDE)
@@ -150,8 +168,20 @@ class JobSpec(_Frozen):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     format: Literal["png", "jpeg", "webp"] = "png"
     quality: StrictInt = Field(90, ge=1, le=100)
+    prompt_syntax: Literal["plain", "compel", "a1111"] = "plain"
+    long_prompts: Literal["truncate", "chunk"] = "truncate"
+    resize: StrictBool = False  # a size the stages cannot make directly: scaled to it (True) or cut from it
+
+    compile: StrictBool | None = None  # None: on for CUDA, off elsewhere (and with offload)
+    compile_cache: str | None = None  # a folder or s3:// prefix that keeps compiled kernels between actors
+    offload: Literal["none", "model", "sequential"] = "none"
+
+    output_format: Literal["files", "webdataset", "parquet"] = "files"
+    shard_size: StrictInt = Field(256, ge=1, le=100_000)  # images per shard (webdataset, parquet)
+    bad_rows: Literal["refuse", "skip"] = "refuse"
 
     placement: Placement = Field(default_factory=Placement)
+    resilience: Resilience = Field(default_factory=Resilience)
 
     @field_validator("prompts")
     @classmethod
@@ -166,6 +196,7 @@ class JobSpec(_Frozen):
         "height_column",
         "width_column",
         "prior",
+        "prior_text",
         "decoder",
     )
     @classmethod
@@ -173,6 +204,11 @@ class JobSpec(_Frozen):
         if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("compile_cache")
+    @classmethod
+    def _cache_location(cls, value: str | None) -> str | None:
+        return None if value is None else cls._output_location(value)
 
     @field_validator("output")
     @classmethod
@@ -211,6 +247,13 @@ class JobSpec(_Frozen):
     def _one_prior_schedule(self) -> JobSpec:
         if self.prior_steps is not None and self.prior_timesteps is not None:
             raise ValueError("prior_steps, prior_timesteps: set one or the other, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_without_offload(self) -> JobSpec:
+        # A compiled step keeps its weights' device memory, which is what offload is there to free.
+        if self.compile and self.offload != "none":
+            raise ValueError("compile, offload: a compiled stage cannot be offloaded; set one or the other")
         return self
 
     @classmethod

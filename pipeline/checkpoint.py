@@ -21,7 +21,10 @@ COMPONENTS = {
 PIPELINE_FOLDERS = {
     "prior": ("prior", "text_encoder", "tokenizer"),
     "decoder": ("decoder", "vqgan", "text_encoder", "tokenizer"),
+    "prior_text": ("text_encoder", "tokenizer"),  # what a model-only prior takes from its companion pipeline
 }
+PIPELINE_CLASSES = {"WuerstchenPriorPipeline": "prior", "WuerstchenDecoderPipeline": "decoder"}
+DEFAULT_PRIOR_TEXT = "warp-ai/wuerstchen-prior"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HALF_VARIANT = "fp16"
 # Config keys of training only, with no effect on inference.
@@ -37,6 +40,8 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA; float32 elsewhere, mps included (half precision runs there when asked for, but is not
+    the default: it is untested on Apple GPUs)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -135,8 +140,9 @@ def read_state_dict(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Te
     return state_dict
 
 
-def load_component(folder, device=None, dtype: torch.dtype | None = None) -> nn.Module:
-    """The Stage C, Stage B or Stage A module of one component folder (config.json + safetensors), in eval mode."""
+def load_component(folder, device=None, dtype: torch.dtype | None = None, kind: str | None = None) -> nn.Module:
+    """The Stage C, Stage B or Stage A module of one component folder (config.json + safetensors), in eval mode;
+    with `kind`, refused unless it is that component ("prior", "decoder" or "vqgan")."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such component folder")
@@ -144,7 +150,10 @@ def load_component(folder, device=None, dtype: torch.dtype | None = None) -> nn.
     dtype = dtype or default_dtype(device)
     config_path = folder / "config.json"
     raw = read_json(config_path)
-    kind = component_kind(folder, raw)
+    found = component_kind(folder, raw)
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{config_path}: a {found} config where a {kind} was expected")
+    kind = found
     config = build_config(kind, raw, config_path)
     files = weight_files(folder, prefer_half=dtype != torch.float32)
     state_dict = read_state_dict(files, dtype)
@@ -158,8 +167,23 @@ def load_component(folder, device=None, dtype: torch.dtype | None = None) -> nn.
     return module.to(device).eval().requires_grad_(False)
 
 
+def one_variant(weights: list[str], prefer_half: bool) -> list[str]:
+    half = [f for f in weights if is_half_variant(f)]
+    full = [f for f in weights if not is_half_variant(f)]
+    return (half or full) if prefer_half else (full or half)
+
+
+def is_model_only_repo(repo_files: list[str]) -> bool:
+    """A hub repository holding one model (config.json and its weights at the top), not a pipeline."""
+    return "model_index.json" not in repo_files and "config.json" in repo_files
+
+
 def hub_patterns(repo_files: list[str], kind: str, prefer_half: bool) -> list[str]:
-    """The files of a hub repository that loading reads, one weight variant per component."""
+    """The files of a hub repository that loading reads, one weight variant per component. A model-only prior:
+    its config.json and weights; `prior_text`: a prior pipeline's model_index.json, text encoder and tokenizer."""
+    if kind == "prior" and is_model_only_repo(repo_files):
+        top = [f for f in repo_files if "/" not in f]
+        return ["config.json"] + one_variant([f for f in top if ".safetensors" in f], prefer_half)
     patterns = ["model_index.json"]
     for sub in PIPELINE_FOLDERS[kind]:
         names = [f for f in repo_files if f.startswith(f"{sub}/")]
@@ -167,45 +191,105 @@ def hub_patterns(repo_files: list[str], kind: str, prefer_half: bool) -> list[st
             patterns += names
             continue
         patterns += [f for f in names if f.endswith(".json") and ".safetensors" not in f]
-        weights = [f for f in names if ".safetensors" in f]
-        half = [f for f in weights if is_half_variant(f)]
-        full = [f for f in weights if not is_half_variant(f)]
-        patterns += (half or full) if prefer_half else (full or half)
+        patterns += one_variant([f for f in names if ".safetensors" in f], prefer_half)
     return patterns
 
 
-def resolve_checkpoint(name_or_path: str, kind: str, prefer_half: bool = False) -> Path:
-    """A local checkpoint folder for a folder path or a hub id (downloading only the files we read)."""
+def looks_like_hub_id(name_or_path) -> bool:
+    text = str(name_or_path)
+    return not text.startswith((".", "/", "~")) and text.count("/") == 1 and not Path(text).exists()
+
+
+def resolve_checkpoint(name_or_path: str, kind: str, prefer_half: bool = False, revision: str | None = None) -> Path:
+    """A local checkpoint folder for a folder path or a hub id (downloading only the files we read). `revision`
+    (a branch, tag or commit) applies to hub ids only."""
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
         return path
-    looks_local = str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1
-    if looks_local or path.exists():
+    if not looks_like_hub_id(name_or_path):
         raise CheckpointError(f"{name_or_path}: no such checkpoint folder")
-    return download(str(name_or_path), kind, prefer_half)
+    return download(str(name_or_path), kind, prefer_half, revision)
 
 
-def download(repo_id: str, kind: str, prefer_half: bool) -> Path:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
-
-    hint = (f"To use a local copy, download it where the hub is reachable (`hf download {repo_id} "
+def offline_hint(repo_id: str) -> str:
+    return (f"To use a local copy, download it where the hub is reachable (`hf download {repo_id} "
             f"--local-dir DIR`) and pass the folder instead of the hub id.")
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The local Hugging Face cache's copy of a repository at a revision (default: main), if there is one."""
+    from huggingface_hub import snapshot_download
+
     try:
-        files = HfApi().list_repo_files(repo_id)
-        return Path(snapshot_download(repo_id, allow_patterns=hub_patterns(files, kind, prefer_half)))
-    except (RepositoryNotFoundError, HFValidationError) as e:
-        raise CheckpointError(f"{repo_id}: no such {kind} checkpoint on the Hugging Face hub "
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError and relatives), or an invalid id
+        return None
+
+
+def download(repo_id: str, kind: str, prefer_half: bool, revision: str | None = None) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    what = "prior text encoder" if kind == "prior_text" else kind
+    at = f" at revision {revision}" if revision else ""
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=hub_patterns(files, kind, prefer_half)))
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:
+        raise CheckpointError(f"{repo_id}: no such {what} checkpoint{at} on the Hugging Face hub "
                               f"({type(e).__name__})") from None
     except OfflineModeIsEnabled:
-        try:  # a copy downloaded earlier still serves
-            return Path(snapshot_download(repo_id, local_files_only=True))
-        except Exception:
-            raise CheckpointError(f"{repo_id}: cannot download the {kind} checkpoint: offline mode is on "
-                                  f"(HF_HUB_OFFLINE) and it is not in the local cache. {hint}") from None
+        cached = cached_snapshot(repo_id, revision)  # a copy downloaded earlier still serves
+        if cached is None:
+            raise CheckpointError(f"{repo_id}: cannot download the {what} checkpoint{at}: offline mode is on "
+                                  f"(HF_HUB_OFFLINE) and it is not in the local cache. {offline_hint(repo_id)}"
+                                  ) from None
+        return cached
     except Exception as e:  # connection errors of the hub's HTTP client have no common base class
-        raise CheckpointError(f"{repo_id}: cannot reach the Hugging Face hub to download the {kind} checkpoint "
-                              f"({type(e).__name__}: {e}). {hint}") from None
+        raise CheckpointError(f"{repo_id}: cannot reach the Hugging Face hub to download the {what} checkpoint "
+                              f"({type(e).__name__}: {e}). {offline_hint(repo_id)}") from None
+
+
+def folder_kind(folder: Path) -> str:
+    """What a checkpoint folder holds: "prior" or "decoder" (pipelines, by their model_index.json), or
+    "prior_model" (a model-only prior: a WuerstchenPrior config.json and weights, no model_index.json)."""
+    index_path = folder / "model_index.json"
+    if index_path.is_file():
+        index = read_json(index_path)
+        found = PIPELINE_CLASSES.get(index.get("_class_name"))
+        if found is None and "_class_name" not in index:
+            found = "prior" if (folder / "prior").is_dir() else "decoder" if (folder / "decoder").is_dir() else None
+        if found is None:
+            raise CheckpointError(f"{index_path}: _class_name {index.get('_class_name')!r} is not one of "
+                                  f"{', '.join(PIPELINE_CLASSES)}")
+        return found
+    if (folder / "config.json").is_file():
+        found = component_kind(folder, read_json(folder / "config.json"))
+        if found == "prior":
+            return "prior_model"
+        raise CheckpointError(f"{folder}: a {found} component folder (config.json), not a checkpoint; give the "
+                              f"pipeline folder that holds it (with model_index.json)")
+    raise CheckpointError(f"{index_path}: missing, and no config.json of a model-only prior either: not a "
+                          f"Würstchen checkpoint folder")
+
+
+def check_folder_kind(folder: Path, kind: str) -> str:
+    """folder_kind, refused with a message naming both when it is not what `kind` ("prior", "decoder" or
+    "prior_text") takes: a prior takes a prior pipeline or a model-only prior, the others a pipeline."""
+    found = folder_kind(folder)
+    accepted = {"prior": ("prior", "prior_model"), "decoder": ("decoder",), "prior_text": ("prior",)}[kind]
+    if found not in accepted:
+        names = {"prior": "a prior checkpoint", "decoder": "a decoder checkpoint",
+                 "prior_model": "a model-only prior (no text encoder)"}
+        wanted = {"prior": "a prior", "decoder": "a decoder", "prior_text": "a prior pipeline (with text encoder)"}
+        raise CheckpointError(f"{folder}: {names[found]} where {wanted[kind]} was expected")
+    return found
 
 
 def pipeline_folder(checkpoint: Path, kind: str) -> dict:

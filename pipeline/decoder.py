@@ -90,13 +90,26 @@ class StageB(nn.Module):
             nn.PixelShuffle(cfg.patch_size),
         )
 
-    def condition(self, effnet: torch.Tensor, clip: torch.Tensor) -> dict:
+    def condition(self, effnet: torch.Tensor, clip: torch.Tensor, latent_size: tuple[int, int] | None = None) -> dict:
         """Everything that depends only on the conditions, reusable across sampler steps: the keys and
-        values of the CLIP embedding for each attention block, and the Stage C latent mapped per level."""
+        values of the CLIP embedding for each attention block, and the Stage C latent mapped per level.
+
+        Given the size of the latent to denoise, the mapped Stage C latent of every level is computed here
+        rather than at the first step, so that the steps only read `cond` (a compiled step must not write
+        to it: that would change its guards and compile a second graph)."""
         clip = self.seq_norm(self.clip_mapper(clip))
         cond = {block: block.condition(clip) for block in self.modules() if isinstance(block, AttnBlock)}
         cond["effnet"] = effnet
+        if latent_size is not None:
+            sizes = self.level_sizes(*latent_size)
+            for index, size in enumerate(sizes + sizes[::-1]):  # down levels, then up levels from the deepest
+                self._effnet_features(index, size, cond)
         return cond
+
+    def level_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The feature-map size of each level for a latent of height×width."""
+        h, w = height // self.config.patch_size, width // self.config.patch_size
+        return [(h // 2**i, w // 2**i) for i in range(len(self.config.c_hidden))]
 
     def _effnet_features(self, index: int, size: torch.Size, cond: dict) -> torch.Tensor | None:
         mapper = self.effnet_mappers[index]

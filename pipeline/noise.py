@@ -14,13 +14,24 @@ def decoder_seed(seed: int) -> int:
 
 
 class ImageNoise:
-    """Draws noise for a batch, one row per image, each row from that image's generator in turn."""
+    """The noise of a whole sampling run for a batch, one row per image, each from that image's generator."""
 
-    def __init__(self, seeds: list[int], shape: tuple[int, ...], device: torch.device):
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        self.shape = shape
-        self.device = device
+    def __init__(self, seeds: list[int], shape: tuple[int, ...]):
+        self.seeds = list(seeds)
+        self.shape = tuple(shape)
 
-    def __call__(self) -> torch.Tensor:
-        rows = [torch.randn((1, *self.shape), generator=g) for g in self.generators]
-        return torch.cat(rows).to(self.device)
+    def draw(self, steps: int, device: torch.device) -> torch.Tensor:
+        """[steps + 1, N, *shape]: the initial noise, then one draw per sampler step.
+
+        Each image's generator draws them in that order, one step's sample at a time, as the reference
+        scheduler does (a draw of steps + 1 samples at once would consume the stream differently). Drawn on
+        the CPU before sampling, so the loop never waits on the host; on CUDA into pinned memory and copied
+        with one non-blocking transfer."""
+        device = torch.device(device)
+        pinned = device.type == "cuda"
+        noise = torch.empty((steps + 1, len(self.seeds), *self.shape), pin_memory=pinned)
+        for i, seed in enumerate(self.seeds):
+            generator = torch.Generator().manual_seed(seed)
+            for step in range(steps + 1):
+                torch.randn(self.shape, generator=generator, out=noise[step, i])
+        return noise.to(device, non_blocking=pinned)

@@ -3,7 +3,9 @@
 Their images are noise: the weights are random. They exist so that everything downstream of loading
 (the real loading code included) runs without the published multi-GB checkpoints.
 
-    python -m pipeline.tiny OUT_DIR   # writes OUT_DIR/prior and OUT_DIR/decoder
+    python -m pipeline.tiny OUT_DIR                     # writes OUT_DIR/prior and OUT_DIR/decoder
+    python -m pipeline.tiny OUT_DIR --model-only-prior  # and OUT_DIR/prior-model, a model-only prior whose text
+                                                        # encoder is OUT_DIR/prior's (prior_text)
 """
 
 import argparse
@@ -111,9 +113,9 @@ def tame(module: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def write_component(folder: Path, module: torch.nn.Module) -> None:
+def write_component(folder: Path, module: torch.nn.Module, **extra_config) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": CLASS_NAMES[type(module)], **asdict(module.config)}
+    config = {"_class_name": CLASS_NAMES[type(module)], **asdict(module.config), **extra_config}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file({k: v.contiguous() for k, v in module.state_dict().items()},
               str(folder / "diffusion_pytorch_model.safetensors"))
@@ -157,13 +159,28 @@ def write_tiny_checkpoints(out_dir, seed: int = 0) -> tuple[Path, Path]:
     return prior_dir, decoder_dir
 
 
+def write_model_only_prior(folder, seed: int = 100) -> Path:
+    """A model-only prior, laid out as the hub's warp-ai/wuerstchen-prior-model-* repositories are: config.json
+    (with their training-only `dropout`) and one safetensors file, no model_index.json, no text encoder. Its
+    condition width is the tiny prior pipeline's text encoder's, the companion it takes its text encoder from."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    prior = StageC(TINY_PRIOR)
+    write_component(folder, tame(prior, prior.out[1]), dropout=0.1, _diffusers_version="0.19.0.dev0")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write prior/ and decoder/ into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-only-prior", action="store_true", help="also write prior-model/, a model-only prior")
     args = parser.parse_args(argv)
     prior, decoder = write_tiny_checkpoints(args.out_dir, args.seed)
     print(f"wrote tiny random-weight checkpoints (their images are noise):\n  prior:   {prior}\n  decoder: {decoder}")
+    if args.model_only_prior:
+        model = write_model_only_prior(Path(args.out_dir) / "prior-model", args.seed + 100)
+        print(f"  model-only prior: {model} (its text encoder: prior_text={prior})")
 
 
 if __name__ == "__main__":

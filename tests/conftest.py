@@ -10,11 +10,15 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,26 +109,27 @@ def _wait_until_answering(server: S3Server) -> None:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s3-root")
-    log = tmp_path_factory.mktemp("s3-log") / "rclone.log"
+def start_rclone(root: Path, work: Path, address: str = "127.0.0.1:0", access_key: str | None = None,
+                 secret_key: str | None = None) -> S3Server:
+    """`rclone serve s3` over `root` (each top-level folder a bucket), answering once this returns."""
     # rclone ignores access keys shorter than three characters, so keep these long.
-    access_key = f"test-access-{secrets.token_hex(4)}"
-    secret_key = f"test-secret-{secrets.token_hex(12)}"
+    access_key = access_key or f"test-access-{secrets.token_hex(4)}"
+    secret_key = secret_key or f"test-secret-{secrets.token_hex(12)}"
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / f"rclone-{secrets.token_hex(4)}.log"
     command = [
         _rclone_binary(),
         "serve",
         "s3",
         "--addr",
-        "127.0.0.1:0",
+        address,
         "--auth-key",
         f"{access_key},{secret_key}",
         # No rclone.conf is needed, and none should be created in the user's home.
         "--config",
         "",
         "--cache-dir",
-        str(tmp_path_factory.mktemp("s3-cache")),
+        str(work / "cache"),
         str(root),
     ]
     with log.open("wb") as log_file:
@@ -133,19 +138,111 @@ def s3_server(tmp_path_factory):
         endpoint = _wait_for_address(process, log)
         server = S3Server(endpoint, access_key, secret_key, root, process)
         _wait_until_answering(server)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    except BaseException:
+        stop_server(process)
+        raise
+    return server
 
 
-def s3_environment(server: S3Server) -> dict[str, str | None]:
-    """boto3's standard configuration pointed at `server`, isolated from the user's own AWS setup
-    (None: unset)."""
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = start_rclone(tmp_path_factory.mktemp("s3-root"), tmp_path_factory.mktemp("s3-work"))
+    yield server
+    stop_server(server.process)
+
+
+@pytest.fixture
+def own_s3_server(tmp_path):
+    """An rclone S3 server of this test's own, which the test may stop and restart (same port, same data)."""
+    (tmp_path / "s3-root").mkdir()
+    servers = [start_rclone(tmp_path / "s3-root", tmp_path / "s3-work")]
+    yield servers
+    for server in servers:
+        stop_server(server.process)
+
+
+def restart_rclone(servers: list[S3Server], down_s: float) -> S3Server:
+    """Stops the last server, waits `down_s`, and starts it again on the same port over the same folder."""
+    old = servers[-1]
+    stop_server(old.process)
+    time.sleep(down_s)
+    address = old.endpoint.removeprefix("http://")
+    server = start_rclone(old.root, old.root.parent / "s3-work", address, old.access_key, old.secret_key)
+    servers.append(server)
+    return server
+
+
+@dataclass
+class MotoServer:
+    """moto's standalone S3 server (honours conditional writes, which rclone ignores)."""
+
+    endpoint: str
+    process: subprocess.Popen = field(repr=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_server(process)
+            pytest.fail(f"moto_server did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+    yield MotoServer(endpoint, process)
+    stop_server(process)
+
+
+def moto_environment(server: MotoServer) -> dict[str, str | None]:
+    return {**s3_environment_base(), "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def set_environment(monkeypatch, env: dict[str, str | None]) -> None:
+    """Sets (or, for None, unsets) environment variables for one test."""
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def moto_env(monkeypatch, moto_server):
+    """boto3 pointed at the moto server, with a fresh bucket; yields the bucket's name."""
+    set_environment(monkeypatch, moto_environment(moto_server))
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.session.Session().client("s3", endpoint_url=moto_server.endpoint, region_name="us-east-1",
+                                   aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(
+        Bucket=bucket)
+    return bucket
+
+
+def s3_environment_base() -> dict[str, str | None]:
+    """boto3's standard configuration, isolated from the user's own AWS setup (None: unset)."""
     return {
         **dict.fromkeys(("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
                          "AWS_MAX_ATTEMPTS")),
@@ -153,24 +250,23 @@ def s3_environment(server: S3Server) -> dict[str, str | None]:
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         # Without credentials boto3 would otherwise probe the EC2 metadata service and wait on it.
         "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_ENDPOINT_URL": server.endpoint,
-        "AWS_ACCESS_KEY_ID": server.access_key,
-        "AWS_SECRET_ACCESS_KEY": server.secret_key,
         "AWS_DEFAULT_REGION": "us-east-1",
         # rclone sends an object's stored whole-object checksum even with ranged GETs, which fails the
-        # validation in pyarrow's reads; uploads without a checksum leave nothing stored to send.
+        # validation of ranged reads; uploads without a checksum leave nothing stored to send.
         "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
     }
+
+
+def s3_environment(server: S3Server, endpoint: str | None = None) -> dict[str, str | None]:
+    """boto3's standard configuration pointed at `server` (or at `endpoint`, a proxy in front of it)."""
+    return {**s3_environment_base(), "AWS_ENDPOINT_URL": endpoint or server.endpoint,
+            "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
 
 
 @pytest.fixture
 def s3_env(monkeypatch, s3_server):
     """Point boto3's standard configuration at `s3_server` for one test."""
-    for name, value in s3_environment(s3_server).items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
+    set_environment(monkeypatch, s3_environment(s3_server))
     return s3_server
 
 
@@ -198,9 +294,8 @@ def _ray_session():
     ray.shutdown()
 
 
-@pytest.fixture
-def ray_local(_ray_session, s3_server) -> str:
-    """A local Ray of 2 CPUs shared by the tests (started again if a test replaced it); yields its address.
+def shared_ray(s3_server) -> str:
+    """The local Ray of 2 CPUs the tests share (started again if a test replaced it); returns its address.
 
     Its workers hold the S3 test server's configuration, as a cluster's nodes hold their own credentials."""
     import ray
@@ -210,3 +305,50 @@ def ray_local(_ray_session, s3_server) -> str:
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": env})
     return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture
+def ray_local(_ray_session, s3_server) -> str:
+    return shared_ray(s3_server)
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing answered on port {port}")
+
+
+@contextmanager
+def ray_head(env: dict[str, str], num_cpus: int):
+    """`ray start --head` with a dashboard, in a process group of its own (ending it cannot touch the tests' own
+    Ray); yields the dashboard's address once the head takes jobs. `env` is the head's and the clients'."""
+    ray = str(Path(sys.executable).parent / "ray")
+    dashboard, gcs = free_port(), free_port()
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",
+                             "--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                             f"--temp-dir={ray_dir}"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(dashboard, head)
+        address = f"http://127.0.0.1:{dashboard}"
+        # The dashboard answers before the head's job agent takes jobs ("No available agent to submit job").
+        deadline = time.monotonic() + 180
+        while subprocess.run([ray, "job", "submit", "--address", address, "--no-wait", "--", "true"], env=env,
+                             capture_output=True, timeout=120).returncode != 0:
+            assert time.monotonic() < deadline, "the head never took a job"
+            time.sleep(2)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(ray_dir, ignore_errors=True)

@@ -1,8 +1,13 @@
 """Loading checkpoints: every way a folder or hub id can be wrong raises a CheckpointError that names the file,
-tensor or setting at fault; variants and shards load the weights they should."""
+tensor or setting at fault; variants and shards load the weights they should; hub downloads read only what loading
+reads (against a hub served on loopback); inspect_checkpoint checks folders and hub ids without loading weights."""
 
+import hashlib
 import json
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -11,9 +16,16 @@ from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from pipeline import CheckpointError, PriorPipeline, WuerstchenPipeline, load_component, resolve_checkpoint
+from pipeline import (
+    CheckpointError,
+    PriorPipeline,
+    WuerstchenPipeline,
+    inspect_checkpoint,
+    load_component,
+    resolve_checkpoint,
+)
 from pipeline.checkpoint import hub_patterns
-from pipeline.tiny import write_tiny_checkpoints
+from pipeline.tiny import write_model_only_prior, write_tiny_checkpoints
 
 torch.set_num_threads(1)
 
@@ -361,3 +373,199 @@ def test_index_naming_a_file_outside_its_folder(component, tmp_path):
     (component / (WEIGHTS + ".index.json")).write_text(json.dumps({"weight_map": weight_map}))
     message = error_of(load, component)
     assert "outside its folder" in message and "../elsewhere.safetensors" in message
+
+
+def test_hub_download_of_a_model_only_prior_and_its_text_companion():
+    files = ["config.json", "diffusion_pytorch_model.safetensors", "README.md", ".gitattributes"]
+    assert hub_patterns(files, "prior", prefer_half=True) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    pipeline_files = ["model_index.json", "prior/config.json", "prior/diffusion_pytorch_model.safetensors",
+                      "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json",
+                      "scheduler/scheduler_config.json"]
+    assert hub_patterns(pipeline_files, "prior_text", prefer_half=False) == [
+        "model_index.json", "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json"]
+
+
+class FakeHub:
+    """A Hugging Face hub on loopback that serves local folders as repositories: the API calls a download makes
+    (model info, file tree) and the files, each file served recorded as (repository, revision, path) and each
+    request's path in `requests`."""
+
+    def __init__(self):
+        self.repos: dict[str, Path] = {}
+        self.served: list[tuple[str, str, str]] = []
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(self, code: int, body: bytes, headers: dict) -> None:
+                self.send_response(code)
+                for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                hub.requests.append(path)
+                for repo, folder in hub.repos.items():
+                    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                    if path.startswith(f"/api/models/{repo}/tree/"):
+                        tree = [{"type": "file", "path": f, "size": (folder / f).stat().st_size, "oid": "0"}
+                                for f in files]
+                        return self.reply(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
+                    if path.startswith(f"/api/models/{repo}"):
+                        info = {"id": repo, "sha": hub.commit(repo), "siblings": [{"rfilename": f} for f in files]}
+                        return self.reply(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+                    if path.startswith(f"/{repo}/resolve/"):
+                        revision, _, name = path[len(f"/{repo}/resolve/"):].partition("/")
+                        data = (folder / name).read_bytes()
+                        hub.served.append((repo, revision, name))
+                        return self.reply(200, data, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                                                      "X-Repo-Commit": hub.commit(repo)})
+                self.reply(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def commit(repo: str) -> str:
+        return hashlib.sha1(repo.encode()).hexdigest()
+
+    def files(self, repo: str) -> set[str]:
+        return {name for served_repo, _, name in self.served if served_repo == repo}
+
+
+def use_endpoint(monkeypatch, endpoint: str) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """The hub on loopback, online, with an empty cache of our own."""
+    hub = FakeHub()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    use_endpoint(monkeypatch, hub.endpoint)
+    yield hub
+    hub.server.shutdown()
+    hub.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def model_only(tmp_path_factory):
+    return write_model_only_prior(tmp_path_factory.mktemp("model-only") / "prior-model")
+
+
+def test_model_only_prior_from_the_hub_downloads_only_what_it_reads(fake_hub, model_only, tiny):
+    fake_hub.repos.update({"someone/prior-model": model_only, "warp-ai/wuerstchen-prior": tiny[0]})
+    pipe = PriorPipeline.from_pretrained("someone/prior-model", device="cpu", dtype=torch.float32)
+    assert type(pipe.prior).__name__ == "StageC"
+    assert fake_hub.files("someone/prior-model") == {"config.json", WEIGHTS}
+    tokenizer = {f"tokenizer/{p.name}" for p in (tiny[0] / "tokenizer").iterdir()}
+    assert fake_hub.files("warp-ai/wuerstchen-prior") == {  # not the companion's own prior, nor its scheduler
+        "model_index.json", "text_encoder/config.json", "text_encoder/model.safetensors", *tokenizer}
+
+
+def test_revisions_reach_the_hub(fake_hub, model_only, tiny):
+    fake_hub.repos.update({"someone/prior-model": model_only, "someone/text": tiny[0]})
+    commit = FakeHub.commit("someone/prior-model")
+    info = inspect_checkpoint("someone/prior-model", "prior")
+    assert (info.source, info.revision, info.model_only, info.folder) == ("hub", commit, True, None)
+    PriorPipeline.from_pretrained("someone/prior-model", device="cpu", dtype=torch.float32, revision=commit,
+                                  prior_text="someone/text", prior_text_revision="v1.0")
+    assert {revision for repo, revision, _ in fake_hub.served if repo == "someone/prior-model"} == {commit}
+    assert "/api/models/someone/text/revision/v1.0" in fake_hub.requests  # a tag, resolved to its commit
+    assert {revision for repo, revision, _ in fake_hub.served if repo == "someone/text"} == {FakeHub.commit(
+        "someone/text")}
+    # Downloaded, the commit's files are in the cache, which inspect then names; unreachable, the cache serves it
+    # (at that commit: a download of an explicit commit records no branch in the cache).
+    cached = inspect_checkpoint("someone/prior-model", "prior").folder
+    assert cached is not None and (cached / "config.json").is_file()
+    fake_hub.server.shutdown()
+    fake_hub.server.server_close()  # connections are refused now
+    offline_info = inspect_checkpoint("someone/prior-model", "prior", revision=commit)
+    assert (offline_info.revision, offline_info.folder, offline_info.model_only) == (commit, cached, True)
+
+
+def test_inspecting_hub_ids(fake_hub, tiny):
+    fake_hub.repos.update({"someone/prior": tiny[0], "someone/decoder": tiny[1]})
+    assert inspect_checkpoint("someone/prior", "prior").model_only is False
+    assert inspect_checkpoint("someone/prior", "prior_text").revision == FakeHub.commit("someone/prior")
+    assert "a decoder checkpoint where a prior was expected" in error_of(inspect_checkpoint, "someone/decoder",
+                                                                         "prior")
+    assert "a prior checkpoint where a decoder was expected" in error_of(inspect_checkpoint, "someone/prior",
+                                                                         "decoder")
+    message = error_of(inspect_checkpoint, "nobody/nothing", "decoder")
+    assert "nobody/nothing: no such checkpoint on the Hugging Face hub" in message
+
+
+def test_inspecting_a_hub_id_that_cannot_be_reached(monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    use_endpoint(monkeypatch, "http://127.0.0.1:9")  # nothing listens there
+    message = error_of(inspect_checkpoint, "someone/prior", "prior")
+    assert "the Hugging Face hub cannot be reached" in message and "not in the local Hugging Face cache" in message
+    assert "hf download someone/prior --local-dir" in message
+
+
+def test_inspecting_a_hub_id_offline(offline, tiny):
+    message = error_of(inspect_checkpoint, "warp-ai/wuerstchen-prior", "prior")
+    assert "offline mode is on (HF_HUB_OFFLINE)" in message and "not in the local Hugging Face cache" in message
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline / "models--someone--tiny-prior"
+    shutil.copytree(tiny[0], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    info = inspect_checkpoint("someone/tiny-prior", "prior")
+    assert (info.source, info.revision, info.folder) == ("hub", commit, repo / "snapshots" / commit)
+    assert "a prior checkpoint where a decoder was expected" in error_of(inspect_checkpoint, "someone/tiny-prior",
+                                                                         "decoder")
+
+
+def test_inspecting_folders(tiny, model_only):
+    prior = inspect_checkpoint(tiny[0], "prior")
+    assert (prior.source, prior.folder, prior.revision, prior.model_only) == ("folder", tiny[0], None, False)
+    assert len(prior.fingerprint) == 64 and inspect_checkpoint(tiny[0], "prior").fingerprint == prior.fingerprint
+    assert inspect_checkpoint(model_only, "prior").model_only is True
+    decoder = inspect_checkpoint(tiny[1], "decoder")
+    assert decoder.fingerprint not in (None, prior.fingerprint)
+    assert inspect_checkpoint(tiny[0], "prior_text").fingerprint != prior.fingerprint  # not its prior's files
+
+
+def test_fingerprint_follows_configs_and_weight_files_not_weight_values(prior_copy):
+    before = inspect_checkpoint(prior_copy, "prior").fingerprint
+    edit_weights(prior_copy / "prior", lambda sd: sd.__setitem__("projection.bias", sd["projection.bias"] + 1))
+    assert inspect_checkpoint(prior_copy, "prior").fingerprint == before  # same names and sizes: unread values
+    config = json.loads((prior_copy / "prior" / "config.json").read_text())
+    (prior_copy / "prior" / "config.json").write_text(json.dumps({**config, "dropout": 0.2}))
+    changed = inspect_checkpoint(prior_copy, "prior").fingerprint
+    assert changed != before
+    write_half_variant(prior_copy / "prior")
+    assert inspect_checkpoint(prior_copy, "prior").fingerprint != changed
+
+
+def test_inspecting_bad_folders(prior_copy, tiny, model_only, tmp_path):
+    assert "no such checkpoint folder" in error_of(inspect_checkpoint, tmp_path / "missing", "prior")
+    assert "a decoder checkpoint where a prior was expected" in error_of(inspect_checkpoint, tiny[1], "prior")
+    assert "a prior checkpoint where a decoder was expected" in error_of(inspect_checkpoint, tiny[0], "decoder")
+    message = error_of(inspect_checkpoint, model_only, "decoder")
+    assert "a model-only prior (no text encoder) where a decoder was expected" in message
+    (prior_copy / "prior" / WEIGHTS).unlink()
+    assert "no .safetensors weights" in error_of(inspect_checkpoint, prior_copy, "prior")
+    (prior_copy / "prior" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 not read")
+    assert "only pickle weights" in error_of(inspect_checkpoint, prior_copy, "prior")
+    encoder = shutil.copytree(tiny[0], tmp_path / "encoder-less") / "text_encoder"
+    (encoder / "model.safetensors").unlink()
+    assert f"{encoder}: no .safetensors weights" in error_of(inspect_checkpoint, encoder.parent, "prior_text")
+    with pytest.raises(ValueError, match="^kind must be one of prior, decoder, prior_text"):
+        inspect_checkpoint(tiny[0], "vqgan")

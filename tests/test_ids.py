@@ -1,10 +1,10 @@
-"""Tests for jobs.ids: safe ids, reproducible seeds, keys that stay under images/."""
+"""Tests for store.ids: safe ids, reproducible seeds, keys that stay under images/."""
 
 import re
 
 import pytest
 
-from jobs.ids import (
+from store.ids import (
     MAX_ID_LENGTH,
     SEED_LIMIT,
     InputError,

@@ -4,61 +4,29 @@ import hashlib
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from job_helpers import PROMPTS, image_files, kill_driver_after_parts, make_spec, ok_rows, spec_file, write_prompts
 from PIL import Image
 
 from jobs.cli import main
 from jobs.driver import run_job
-from jobs.ids import image_key
-from jobs.manifest import latest_status, read_manifest
-from jobs.spec import JobSpec
-from jobs.storage import open_output
 from pipeline import WuerstchenPipeline
+from store.ids import image_key
+from store.manifest import latest_status, read_manifest
+from store.storage import open_output
 from workers.faults import FAULTS_ENV
 
 torch.set_num_threads(1)
 
-PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen", "an astronaut riding a horse",
-           "sausages on a grill", "a city street in the rain"]
-# Stage placement that fits the 2-CPU test cluster: both actors, a writer and a reader at once.
-SMALL_PLACEMENT = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25, "writer_concurrency": 1,
-                   "prior_batch_size": 4, "decoder_batch_size": 4}
-
-
-def write_prompts(path, prompts=PROMPTS, row_group_size=None, **columns):
-    table = pa.table({"prompt": prompts, **columns})
-    pq.write_table(table, path, row_group_size=row_group_size)
-    return path
-
-
-def make_spec(tiny_checkpoints, prompts, output, **fields) -> JobSpec:
-    prior, decoder = tiny_checkpoints
-    placement = {**SMALL_PLACEMENT, **fields.pop("placement", {})}
-    return JobSpec.from_dict({"prompts": str(prompts), "output": str(output), "prior": str(prior),
-                              "decoder": str(decoder), "height": 128, "width": 128, "prior_steps": 4,
-                              "decoder_steps": 3, "placement": placement, **fields})
-
-
-def ok_rows(output) -> dict:
-    return {k: r for k, r in latest_status(read_manifest(output)).items() if r["status"] == "ok"}
-
-
-def image_files(root) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in (root / "images").rglob("*") if p.is_file())
-
 
 def test_local_job_writes_every_image_once_and_matches_the_bare_pipeline(ray_local, tiny_checkpoints, tmp_path,
                                                                          monkeypatch):
-    monkeypatch.setattr("jobs.driver.COMPACT_EVERY", 2)  # merge the manifest's parts while the job runs, too
+    monkeypatch.setattr("jobs.driver.COMPACT_EVERY_S", 0)  # merge the manifest's parts while the job runs, too
     prompts = write_prompts(tmp_path / "prompts.parquet", row_group_size=4,
                             size=[128, 256, 128, 256, 128, 128])
     out = tmp_path / "out"
@@ -168,20 +136,7 @@ def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path
     out = tmp_path / "out"
     spec = make_spec(tiny_checkpoints, prompts, out, prior_steps=12, decoder_steps=8,
                      placement={"prior_batch_size": 2, "decoder_batch_size": 2})
-    (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
-    env = {**os.environ, "RAY_ADDRESS": ray_local}
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "job.yaml"), "--no-progress"],
-                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and driver.poll() is None:
-            if (out / "manifest").is_dir() and len(list((out / "manifest").glob("part-*"))) >= 2:
-                break
-            time.sleep(0.2)
-        assert driver.poll() is None, "the driver finished before it could be killed"
-        os.killpg(driver.pid, signal.SIGKILL)
-    finally:
-        driver.wait()
+    kill_driver_after_parts(spec, tmp_path, ray_local)
     output = open_output(str(out))
     before = ok_rows(output)
     assert 0 < len(before) < 24
@@ -240,7 +195,7 @@ def test_s3_problems_are_clear(tiny_checkpoints, tmp_path, capsys, s3_env, s3_bu
     prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:1])
 
     def run(output):
-        spec = make_spec(tiny_checkpoints, prompts, output)
+        spec = make_spec(tiny_checkpoints, prompts, output, resilience={"storage_outage_s": 1.0})
         (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
         code = main(["run", str(tmp_path / "job.yaml"), "--no-progress"])
         return code, capsys.readouterr().err
@@ -258,3 +213,60 @@ def test_s3_problems_are_clear(tiny_checkpoints, tmp_path, capsys, s3_env, s3_bu
     assert code == 2 and "127.0.0.1:9" in err and "Traceback" not in err
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     assert open_output(f"s3://{s3_bucket}/out").list() == []
+
+
+def test_a_model_only_prior_takes_its_text_encoder_from_prior_text(ray_local, tiny_checkpoints, tmp_path):
+    from pipeline.tiny import write_model_only_prior
+
+    prior, _ = tiny_checkpoints
+    model_only = write_model_only_prior(tmp_path / "prior-model-interpolated")
+    out = tmp_path / "out"
+    spec = make_spec(tiny_checkpoints, write_prompts(tmp_path / "p.parquet", PROMPTS[:2]), out, prior=str(model_only),
+                     prior_text=str(prior))
+    result = run_job(spec, progress=False)
+    assert result.exit_code == 0 and result.summary["status"] == {"ok": 2, "failed": 0}
+    identity = json.loads((out / "job.json").read_text())["params"]["prior_checkpoint"]
+    assert identity["given"] == str(model_only) and identity["text"]["given"] == str(prior)
+    assert identity["fingerprint"] != identity["text"]["fingerprint"]
+
+
+def test_weighted_long_and_odd_sized_prompts_and_a_bad_one_skipped(ray_local, tiny_checkpoints, tmp_path, capsys):
+    long_prompt = "a very long caption about a sausage stand " * 12  # more than CLIP's 77 tokens
+    prompts = ["a (red)1.4 fox in the snow", long_prompt, "a bowl of ramen++", "(\"a cat\", \"a dog\").blend(0.7)"]
+    sizes = {"h": [200, 128, 256, 128], "w": [300, 128, 192, 128]}
+    out = tmp_path / "out"
+    spec = make_spec(tiny_checkpoints, write_prompts(tmp_path / "p.parquet", prompts, **sizes), out,
+                     prompt_syntax="compel", long_prompts="chunk", bad_rows="skip", height_column="h",
+                     width_column="w")
+    assert main(["run", str(spec_file(spec, tmp_path / "job.yaml")), "--no-progress"]) == 0
+    assert "1 image(s) of bad input rows were skipped" in capsys.readouterr().err
+    rows = {r["source"]: r for r in latest_status(read_manifest(open_output(str(out)))).values()}
+    bad = rows["p.parquet#3"]
+    assert bad["status"] == "failed" and bad["error"].startswith("input: ") and "p.parquet row 3" in bad["error"]
+    for source, (height, width) in {"p.parquet#0": (200, 300), "p.parquet#1": (128, 128),
+                                    "p.parquet#2": (256, 192)}.items():
+        row = rows[source]
+        assert row["status"] == "ok" and (row["height"], row["width"]) == (height, width)
+        assert row["generated_height"] >= height and row["generated_width"] >= width
+        with Image.open(row["uri"].removeprefix("file://")) as image:
+            assert image.size == (width, height)  # exactly what was asked, cut from what was generated
+    assert rows["p.parquet#1"]["truncated"] is False  # chunked, not cut
+    assert main(["status", str(out)]) == 0
+    assert "(1 refused as bad input)" in capsys.readouterr().out
+    assert main(["run", str(spec_file(spec, tmp_path / "job.yaml")), "--no-progress"]) == 0
+    assert read_manifest(open_output(str(out))).num_rows == 4  # the bad row is not recorded twice
+
+
+def test_a_checkpoint_changed_under_the_same_folder_is_refused_on_resume(ray_local, tiny_checkpoints, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    prior = shutil.copytree(tiny_checkpoints[0], tmp_path / "prior")
+    out = tmp_path / "out"
+    spec = make_spec(tiny_checkpoints, write_prompts(tmp_path / "p.parquet", PROMPTS[:1]), out, prior=str(prior))
+    assert main(["run", str(spec_file(spec, tmp_path / "job.yaml")), "--no-progress"]) == 0
+    index = json.loads((prior / "model_index.json").read_text())
+    (prior / "model_index.json").write_text(json.dumps({**index, "_retrained": "2026-11-27"}))
+    assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2
+    assert "other generation parameters (changed: prior_checkpoint)" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "job.yaml"), "--no-progress", "--force"]) == 0

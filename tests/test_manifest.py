@@ -1,66 +1,45 @@
-"""Tests for jobs.manifest against a minimal local-folder Output."""
+"""Tests for store.manifest on a local folder output."""
 
 import io
 import json
+import math
+import random
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.manifest import (
+from store.manifest import (
+    FANOUT,
     MANIFEST_PREFIX,
     MANIFEST_SCHEMA,
     PARAMS_KEY,
     SUMMARY_KEY,
     ManifestError,
     compact,
+    final_rows,
+    image_states,
     latest_status,
+    part_keys,
+    part_tier,
     read_job_params,
     read_manifest,
+    store_part,
     summarize,
     write_job_params,
     write_part,
     write_summary,
 )
+from store.storage import LocalOutput
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
 
 
-class FolderOutput:
-    """Just enough of the Output interface over a local folder; keys are relative to the root."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def put(self, key, data, content_type=None):
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return self.uri(key)
-
-    def get(self, key):
-        path = self.root / key
-        return path.read_bytes() if path.is_file() else None
-
-    def list(self, prefix=""):
-        keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
-        return sorted(k for k in keys if k.startswith(prefix))
-
-    def exists(self, key):
-        return (self.root / key).is_file()
-
-    def delete(self, key):
-        (self.root / key).unlink(missing_ok=True)
-
-    def uri(self, key):
-        return (self.root / key).as_uri()
-
-
 @pytest.fixture
 def output(tmp_path):
-    return FolderOutput(tmp_path / "out")
+    return LocalOutput(tmp_path / "out")
 
 
 def ok_row(prompt_id="p-000001", index=0, minutes=0, **changes):
@@ -233,36 +212,43 @@ def test_latest_status_keys_by_prompt_and_index(output):
     assert set(final) == {("a", 0), ("a", 1), ("b", 0)}
 
 
-def test_summarize_counts_final_states(output):
-    write_part(output, [ok_row("a", 0), failed_row("b", 0), failed_row("c", 0)])
-    write_part(output, [ok_row("b", 0, minutes=1, prior_s=3.0, decoder_s=4.0, write_s=1.5)])
-    summary = summarize(read_manifest(output), elapsed_s=4.0)
-    assert summary["images"] == 3
-    assert summary["rows"] == 4
-    assert summary["status"] == {"ok": 2, "failed": 1}
-    assert summary["images_per_s"] == 0.5
-    assert summary["mean_s"] == {"prior": 2.0, "decoder": 3.0, "write": 1.0}
+def test_image_states_and_summary_count_final_states(output):
+    write_part(output, [ok_row("a", 0, run_id="r1"), failed_row("b", 0, run_id="r1"), failed_row("c", 0, run_id="r1"),
+                        failed_row("c", 0, minutes=2, error="input: p.parquet row 3: prompt is null", run_id="r1")])
+    write_part(output, [ok_row("b", 0, minutes=1, prior_s=3.0, decoder_s=4.0, write_s=1.5, run_id="r2")])
+    write_part(output, [ok_row("z", 0, job_id="job-2")])
+    states = image_states(output, "job-1")
+    assert states.counts == {"ok": 2, "failed": 1} and states.bad_input == 1
+    assert states.failed.to_pylist()[0]["error"].startswith("input: ")  # the latest failure of "c"
+    run_rows = read_manifest(output, ["run_id", "status", "prior_s", "decoder_s", "write_s"], "job-1")
+    summary = summarize(states, run_rows.filter(pc.equal(run_rows.column("run_id"), "r2")), elapsed_s=4.0)
+    assert summary["images"] == 3 and summary["status"] == {"ok": 2, "failed": 1} and summary["bad_input"] == 1
+    assert summary["images_per_s"] == 0.25
+    assert summary["mean_s"] == {"prior": 3.0, "decoder": 4.0, "write": 1.5}
 
 
-def test_summarize_empty_manifest(output):
-    summary = summarize(read_manifest(output))
-    assert summary["images"] == 0
-    assert summary["status"] == {"ok": 0, "failed": 0}
+def test_summarize_an_empty_manifest(output):
+    summary = summarize(image_states(output, "job-1"), read_manifest(output, ["status"]), elapsed_s=0)
+    assert summary["images"] == 0 and summary["status"] == {"ok": 0, "failed": 0}
     assert summary["images_per_s"] is None
     assert summary["mean_s"] == {"prior": None, "decoder": None, "write": None}
 
 
-def test_summarize_zero_elapsed_has_no_rate(output):
-    write_part(output, [ok_row()])
-    assert summarize(read_manifest(output), elapsed_s=0)["images_per_s"] is None
-
-
 def test_summary_is_written_as_json(output):
     write_part(output, [ok_row()])
-    summary = summarize(read_manifest(output), elapsed_s=2.0)
+    summary = summarize(image_states(output, "job-1"), read_manifest(output), elapsed_s=2.0)
     uri = write_summary(output, summary)
     assert uri == output.uri(SUMMARY_KEY)
     assert json.loads(output.get(SUMMARY_KEY)) == summary
+
+
+def test_reading_filters_by_job_and_status_part_by_part(output):
+    write_part(output, [ok_row("a"), failed_row("b"), ok_row("c", job_id="job-2"), failed_row("d", job_id="job-2")])
+    write_part(output, [ok_row("e")])
+    assert sorted(read_manifest(output, ["prompt_id"], "job-1", "ok").column("prompt_id").to_pylist()) == ["a", "e"]
+    assert read_manifest(output, ["prompt_id"], "job-2", "failed").column("prompt_id").to_pylist() == ["d"]
+    assert read_manifest(output, ["prompt_id"], status="ok").num_rows == 3
+    assert read_manifest(output, ["prompt_id"], "job-3").num_rows == 0
 
 
 def test_job_params_round_trip(output):
@@ -282,35 +268,84 @@ def test_malformed_job_params_are_named(output):
         read_job_params(output)
 
 
-def test_compact_merges_parts_and_keeps_rows(output):
+def test_compact_everything_merges_parts_and_keeps_rows(output):
     write_part(output, [ok_row("a")])
     write_part(output, [failed_row("b")])
     write_part(output, [ok_row("b", minutes=1)])
     before = latest_status(read_manifest(output))
-    merged = compact(output)
-    parts = [k for k in output.list(MANIFEST_PREFIX) if k.endswith(".parquet")]
-    assert parts == [merged]
+    merged = compact(output, everything=True)
+    assert part_keys(output) == merged and len(merged) == 1
     table = read_manifest(output)
     assert table.num_rows == 3
     assert latest_status(table) == before
 
 
-def test_compact_with_one_part_does_nothing(output):
-    key = write_part(output, [ok_row()])
-    assert compact(output) is None
-    assert output.list(MANIFEST_PREFIX) == [key]
+def test_compact_leaves_fewer_than_fanout_parts_of_a_tier_alone(output):
+    keys = [write_part(output, [ok_row(f"p{i}")]) for i in range(FANOUT - 1)]
+    assert compact(output) == []
+    assert part_keys(output) == sorted(keys)
 
 
-def test_compacting_small_parts_leaves_merged_parts_alone(output):
-    write_part(output, [ok_row("a")])
-    write_part(output, [ok_row("b")])
-    first = compact(output, small_only=True)
-    write_part(output, [ok_row("c")])
-    assert compact(output, small_only=True) is None  # one small part and one merged part: nothing to do
-    write_part(output, [failed_row("d")])
-    second = compact(output, small_only=True)
-    parts = sorted(k for k in output.list(MANIFEST_PREFIX) if k.endswith(".parquet"))
-    assert parts == sorted([first, second])
-    final = compact(output)
-    assert [k for k in output.list(MANIFEST_PREFIX) if k.endswith(".parquet")] == [final]
-    assert sorted(k[0] for k in latest_status(read_manifest(output))) == ["a", "b", "c", "d"]
+def test_compaction_is_size_tiered_and_parts_grow_with_the_log_of_rows(output, monkeypatch):
+    monkeypatch.setattr("store.manifest.FANOUT", 4)
+    monkeypatch.setattr("store.manifest.TIER_BASE", 2)
+    rows = 0
+    for batch in range(64):
+        write_part(output, [ok_row(f"b{batch}-{i}") for i in range(2)])
+        rows += 2
+        compact(output)
+        # at most FANOUT - 1 parts per tier, and the tiers grow with log_FANOUT(rows / TIER_BASE)
+        assert len(part_keys(output)) <= 3 * (1 + math.log(rows / 2, 4))
+    table = read_manifest(output)
+    assert table.num_rows == 128 and len(latest_status(table)) == 128
+    assert max(part_tier(k) for k in part_keys(output)) >= 2
+
+
+def test_parts_named_before_tiers_are_read_and_merged(output):
+    sink = io.BytesIO()
+    legacy = pa.Table.from_pylist([dict(ok_row("old"), params="{}")], schema=MANIFEST_SCHEMA)
+    pq.write_table(legacy.drop_columns(["run_id", "source", "member", "offset", "generated_width",
+                                        "generated_height"]), sink)
+    output.put(MANIFEST_PREFIX + "part-20250101T000000000000Z-" + "ab" * 16 + "-merged.parquet", sink.getvalue())
+    write_part(output, [ok_row("new")])
+    assert part_tier(part_keys(output)[0]) == 1
+    table = read_manifest(output)
+    assert sorted(table.column("prompt_id").to_pylist()) == ["new", "old"]
+    assert table.column("member").null_count == 2
+    compact(output, everything=True)
+    assert read_manifest(output).num_rows == 2
+
+
+def test_final_rows_agree_with_a_plain_python_reference(tmp_path):
+    rng = random.Random(7)
+    rows = []
+    for n in range(3000):
+        key = (f"p{rng.randrange(600)}", rng.randrange(3))
+        status = rng.choice(["ok", "failed", "failed"])
+        row = ok_row(*key, minutes=rng.randrange(5)) if status == "ok" else failed_row(*key,
+                                                                                     minutes=rng.randrange(5))
+        rows.append(dict(row, params="{}", error=row.get("error") or None, uri=row.get("uri", f"u{n}")))
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    expected = {}
+    for row in rows:  # ok beats failed, then later finished_at, then the later row
+        key = (row["prompt_id"], row["image_index"])
+        rank = (row["status"] == "ok", row["finished_at"])
+        if key not in expected or rank >= expected[key][0]:
+            expected[key] = (rank, row["uri"])
+    final = final_rows(table)
+    got = {(r["prompt_id"], r["image_index"]): r["uri"] for r in final.to_pylist()}
+    assert got == {k: uri for k, (_, uri) in expected.items()}
+    output = LocalOutput(tmp_path / "out")
+    for part in range(0, len(rows), 700):
+        store_part(output, table.slice(part, 700))
+    states = image_states(output, "job-1")
+    assert states.ok == sum(1 for (rank, _) in expected.values() if rank[0])
+    assert {(r["prompt_id"], r["image_index"]) for r in states.failed.to_pylist()} == {
+        k for k, (rank, _) in expected.items() if not rank[0]}
+
+
+def test_reading_only_some_columns_of_one_job(output):
+    write_part(output, [ok_row("a"), ok_row("b", job_id="job-2")])
+    table = read_manifest(output, ["prompt_id", "status"], job_id="job-1")
+    assert table.column_names == ["prompt_id", "status"]
+    assert table.column("prompt_id").to_pylist() == ["a"]

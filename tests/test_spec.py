@@ -39,9 +39,9 @@ def test_minimal_spec_gets_documented_defaults(tmp_path):
     assert (placement.prior_actors, placement.decoder_actors) == (1, 1)
     assert (placement.prior_gpus, placement.decoder_gpus) == (None, None)
     assert (placement.prior_batch_size, placement.decoder_batch_size) == (8, 8)
-    assert placement.writer_concurrency == 2
+    assert placement.writer_concurrency is None
     assert placement.prior_resources == {} and placement.decoder_resources == {}
-    assert (placement.max_restarts, placement.max_task_retries) == (3, 3)
+    assert (placement.max_restarts, placement.max_task_retries) == (3, -1)
 
 
 def test_full_spec_loads(tmp_path):

@@ -1,24 +1,28 @@
-"""Tests for jobs.storage against local folders and a real S3-compatible server (rclone)."""
+"""Tests for store.storage against local folders and real S3-compatible servers (rclone; moto for conditional
+writes; a fault-injecting proxy in front of rclone for retries)."""
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
 import socket
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import s3_environment, set_environment
+from fault_proxy import FaultProxy
 
-from jobs.storage import (
+from store.storage import (
     LocalOutput,
     S3Output,
     S3Settings,
     StorageError,
+    list_files,
+    open_input,
     open_output,
-    parquet_filesystem,
     safe_key,
 )
 
@@ -188,13 +192,13 @@ def test_unreachable_endpoint_is_reported_quickly(s3_env, monkeypatch):
         closed_port = probe.getsockname()[1]
     endpoint = f"http://127.0.0.1:{closed_port}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    output = open_output("s3://bucket/out", S3Settings(max_attempts=1, connect_timeout=1))
+    output = open_output("s3://bucket/out", S3Settings(max_attempts=1, connect_timeout=1, outage_s=0))
     with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {endpoint}"):
         output.check_writable()
 
 
 def test_attempts_come_from_settings_then_environment(s3_env, monkeypatch):
-    assert open_output("s3://bucket").client.meta.config.retries["total_max_attempts"] == 5
+    assert open_output("s3://bucket").client.meta.config.retries["total_max_attempts"] == 3
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     assert open_output("s3://bucket").client.meta.config.retries["total_max_attempts"] == 2
     output = open_output("s3://bucket", S3Settings(max_attempts=1))
@@ -207,7 +211,7 @@ def test_missing_credentials_are_reported(s3_env, monkeypatch):
     with pytest.raises(StorageError, match="no S3 credentials found"):
         open_output("s3://bucket/out").check_writable()
     with pytest.raises(StorageError, match="no S3 credentials found"):
-        parquet_filesystem("s3://bucket/in.parquet")
+        open_input("s3://bucket/in.parquet")
 
 
 def test_s3_output_pickles(s3_env, s3_bucket):
@@ -220,21 +224,103 @@ def test_s3_output_pickles(s3_env, s3_bucket):
     assert copy.root_uri == output.root_uri
 
 
-def test_parquet_filesystem_reads_from_s3(s3_env, s3_bucket):
-    table = pa.table({"prompt": ["a sausage", "a factory"], "seed": [1, 2]})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    open_output(f"s3://{s3_bucket}").put("inputs/prompts.parquet", buffer.getvalue())
+def test_parquet_inputs_are_read_by_ranges_from_s3_and_locally(s3_env, s3_bucket, tmp_path):
+    table = pa.table({"prompt": [f"a sausage {i}" for i in range(5000)], "seed": list(range(5000))})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=1000)
+    open_output(f"s3://{s3_bucket}").put("inputs/prompts.parquet", (tmp_path / "in.parquet").read_bytes())
+    for uri in (f"s3://{s3_bucket}/inputs/prompts.parquet", f"file://{tmp_path}/in.parquet"):
+        with open_input(uri) as file:
+            parquet = pq.ParquetFile(file)
+            assert parquet.num_row_groups == 5
+            assert parquet.read_row_group(3, columns=["seed"]).column("seed").to_pylist() == list(range(3000, 4000))
 
-    filesystem, path = parquet_filesystem(f"s3://{s3_bucket}/inputs/prompts.parquet")
 
-    assert path == f"{s3_bucket}/inputs/prompts.parquet"
-    assert pq.read_table(path, filesystem=filesystem).equals(table)
+def test_get_range(output):
+    output.put("blob", bytes(range(256)) * 4)
+    assert output.get_range("blob", 250, 10) == bytes(range(250, 256)) + bytes(range(4))
+    assert output.get_range("blob", 0, 0) == b""
 
 
-def test_parquet_filesystem_reads_local(tmp_path):
-    table = pa.table({"prompt": ["a sausage"]})
-    pq.write_table(table, tmp_path / "in.parquet")
-    filesystem, path = parquet_filesystem(f"file://{tmp_path}/in.parquet")
-    assert path == str(tmp_path / "in.parquet")
-    assert pq.read_table(path, filesystem=filesystem).equals(table)
+def test_put_file(output, tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"x" * 1000)
+    uri = output.put_file("shards/00000.tar", source, "application/x-tar")
+    assert uri == output.uri("shards/00000.tar") and output.get("shards/00000.tar") == b"x" * 1000
+
+
+def test_list_files_finds_files_folders_globs_and_prefixes(s3_env, s3_bucket, tmp_path):
+    for name in ("a/one.parquet", "a/two.parquet", "a/notes.txt", "b/three.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+        open_output(f"s3://{s3_bucket}").put(f"in/{name}", b"x")
+    assert list_files(str(tmp_path / "a"), ".parquet") == [str(tmp_path / "a/one.parquet"),
+                                                           str(tmp_path / "a/two.parquet")]
+    assert list_files(str(tmp_path / "*/t*.parquet")) == [str(tmp_path / "a/two.parquet"),
+                                                         str(tmp_path / "b/three.parquet")]
+    assert list_files(str(tmp_path / "a/one.parquet")) == [str(tmp_path / "a/one.parquet")]
+    assert list_files(str(tmp_path / "missing")) is None
+    base = f"s3://{s3_bucket}/in"
+    assert list_files(f"{base}/a/", ".parquet") == [f"{base}/a/one.parquet", f"{base}/a/two.parquet"]
+    assert list_files(f"{base}/*/t*.parquet") == [f"{base}/a/two.parquet", f"{base}/b/three.parquet"]
+    assert list_files(f"{base}/b/three.parquet") == [f"{base}/b/three.parquet"]
+    assert list_files(f"{base}/nothing-here/") is None
+
+
+@pytest.fixture(params=["local", "moto"])
+def conditional_output(request, tmp_path):
+    if request.param == "local":
+        return open_output(str(tmp_path / "out"))
+    bucket = request.getfixturevalue("moto_env")
+    return open_output(f"s3://{bucket}/out")
+
+
+def test_conditional_writes_create_once_and_swap_only_the_version_read(conditional_output):
+    output = conditional_output
+    assert output.read_versioned("lease.json") is None
+    first = output.put_new("lease.json", b"one")
+    assert first is not None
+    assert output.put_new("lease.json", b"two") is None  # it exists
+    data, version = output.read_versioned("lease.json")
+    assert (data, version) == (b"one", first)
+    second = output.put_if_version("lease.json", b"three", version)
+    assert second is not None and second != first
+    assert output.put_if_version("lease.json", b"four", first) is None  # a stale version loses
+    assert output.read_versioned("lease.json") == (b"three", second)
+
+
+def test_local_exclusive_create_races_have_one_winner(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    output = open_output(str(tmp_path / "out"))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: output.put_new("lease.json", str(i).encode()), range(32)))
+    assert sum(r is not None for r in results) == 1
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_s3_calls_ride_out_throttling_errors_and_dropped_connections(s3_server, s3_bucket, monkeypatch):
+    proxy = FaultProxy(s3_server.endpoint, share=0.4, seed=3).start()
+    try:
+        set_environment(monkeypatch, s3_environment(s3_server, proxy.endpoint))
+        output = open_output(f"s3://{s3_bucket}/flaky", S3Settings(max_attempts=1, outage_s=30))
+        for i in range(30):
+            output.put(f"objects/{i}.bin", bytes([i]) * 100)
+        assert sorted(output.list("objects/")) == sorted(f"objects/{i}.bin" for i in range(30))
+        assert all(output.get(f"objects/{i}.bin") == bytes([i]) * 100 for i in range(30))
+        assert output.get_range("objects/7.bin", 10, 5) == bytes([7]) * 5
+    finally:
+        proxy.stop()
+    counts = proxy.counts
+    assert counts.slow_down and counts.internal_error and counts.dropped  # every kind of fault was met
+
+
+def test_a_lasting_outage_fails_after_the_configured_time(s3_env, monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")
+    output = open_output("s3://bucket/out", S3Settings(max_attempts=1, connect_timeout=1, outage_s=3))
+    start = time.monotonic()
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
+        output.put("a", b"x")
+    assert 3 <= time.monotonic() - start < 20

@@ -2,10 +2,14 @@
 
 WURSTFABRIK_TEST_FAULTS='{"kill": {"stage": "decoder", "marker": "/tmp/x"}, "fail_encode": "text"}':
 `kill` ends the stage's actor process on its first batch, once per marker file; `fail_encode` makes the
-writer fail to encode images whose prompt contains the text."""
+encoder fail images whose prompt contains the text; `hang` makes the named stage wait forever on its first
+batch; `slow_encode` ({"seconds": s, "log": folder}) makes each encoder task take s seconds and leave a file
+with its start and end times in the folder."""
 
 import json
 import os
+import time
+import uuid
 from pathlib import Path
 
 FAULTS_ENV = "WURSTFABRIK_TEST_FAULTS"
@@ -25,6 +29,21 @@ def maybe_kill(stage: str) -> None:
     except FileExistsError:
         return
     os._exit(1)
+
+
+def maybe_hang(stage: str) -> None:
+    if _faults().get("hang") == stage:
+        while True:
+            time.sleep(60)
+
+
+def maybe_slow_encoding() -> None:
+    slow = _faults().get("slow_encode")
+    if not slow:
+        return
+    start = time.time()
+    time.sleep(float(slow["seconds"]))
+    Path(slow["log"], f"{uuid.uuid4().hex}.txt").write_text(f"{os.getpid()} {start} {time.time()}")
 
 
 def fails_encoding(prompt: str) -> bool:

@@ -5,21 +5,20 @@ import time
 import numpy as np
 import ray
 
-from pipeline import PriorPipeline
-
 from .batches import column, group_rows
-from .faults import maybe_kill
+from .faults import maybe_hang, maybe_kill
 
 
 class PriorStage:
     """Adds each image's Stage C latent (float32 bytes and shape), its truncation flag and prior seconds."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, models):
         self.spec = spec
-        self.pipe = PriorPipeline.from_pretrained(spec.prior, dtype=spec.dtype)
+        self.pipe, self.compile_cache = models.load_prior(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         maybe_kill("prior")
+        maybe_hang("prior")
         n = len(batch["prompt_id"])
         batch.setdefault("error", column([""] * n))
         errors = list(batch["error"])
@@ -32,7 +31,8 @@ class PriorStage:
                 result = self.pipe([str(batch["prompt"][i]) for i in rows], [int(batch["seed"][i]) for i in rows],
                                    [str(batch["negative_prompt"][i]) for i in rows], height, width,
                                    timesteps=spec.prior_timesteps, steps=spec.prior_steps,
-                                   guidance_scale=spec.prior_guidance_scale)
+                                   guidance_scale=spec.prior_guidance_scale, prompt_syntax=spec.prompt_syntax,
+                                   long_prompts=spec.long_prompts, resize=spec.resize)
             except Exception as e:  # the rows fail, the job goes on; the manifest records why
                 for i in rows:
                     errors[i] = f"prior: {type(e).__name__}: {e}"
@@ -44,6 +44,7 @@ class PriorStage:
                 shapes[i] = list(array[j].shape)
                 truncated[i] = result.truncated[j]
                 seconds[i] = per_image
+        self.compile_cache.after_first_batch()
         batch.update(latent=column(latents), latent_shape=column(shapes), truncated=column(truncated, bool),
                      prior_s=column(seconds, np.float64), error=column(errors),
                      prior_node=column([ray.get_runtime_context().get_node_id()] * n))

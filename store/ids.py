@@ -123,3 +123,14 @@ def image_key(prompt_id: str, image_index: int, ext: str) -> str:
         raise InputError(f"extension {ext!r}: must be letters and digits, like 'png'")
     shard = _sha256(prompt_id).hex()[:2]
     return f"{IMAGES_PREFIX}{shard}/{prompt_id}_{image_index}.{ext}"
+
+
+def sample_key(prompt_id: str, image_index: int) -> str:
+    """A WebDataset sample key for one image: `<id>_<index>`, with no dots, since readers split member names at
+    the first dot. An id with dots has them replaced and its hash appended, so keys stay unique."""
+    if not isinstance(prompt_id, str) or not prompt_id or sanitize_id(prompt_id) != prompt_id:
+        raise InputError(f"prompt id {prompt_id!r}: not a sanitized id; pass it through sanitize_id first")
+    image_index = _check_index(image_index)
+    if "." in prompt_id:
+        prompt_id = f"{prompt_id.replace('.', '_')}-{_sha256(prompt_id).hex()[:HASH_SUFFIX_LENGTH]}"
+    return f"{prompt_id}_{image_index}"

@@ -1,0 +1,92 @@
+"""Keeping a healthy run's output free of messages a user can do nothing about. Each one filtered here says why;
+everything else Ray prints, warnings and errors included, still goes through."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+from contextlib import contextmanager
+
+# Lines the Ray core worker (C++) writes straight to the process's stderr.
+NOISE_LINES = [
+    # Ray Data hands every actor of a pool its map function by object reference and sets max_restarts itself, so
+    # the core worker warns once per actor pool (ray-project/ray#53727). Ray Data keeps that reference for the
+    # pool's lifetime, so the restart it warns about cannot fail for that reason.
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store "
+               r"and max_restarts > 0"),
+]
+# Python log messages, by logger.
+NOISE_LOGS = {
+    # The driver draws its own progress bar, so Ray Data's are off; Ray Data warns about that on every run.
+    "ray.data._internal.progress": [re.compile(r"^Progress bars disabled")],
+    # Ray 2.60 turns token authentication on for the local cluster a run starts in-process (which only this
+    # machine can reach and which ends with the run) and says so on every start, as a warning.
+    "ray._private.authentication.authentication_token_setup": [
+        re.compile(r"^Token authentication is enabled for this Ray cluster")],
+}
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, patterns):
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in self.patterns)
+
+
+def quiet_ray_logs() -> None:
+    for name, patterns in NOISE_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(patterns))
+
+
+@contextmanager
+def filtered_stderr():
+    """Routes this process's stderr (file descriptor 2, which C++ code writes to) through a filter that drops
+    NOISE_LINES; partial lines (progress bars) pass at once."""
+    try:
+        sys.stderr.flush()
+        original = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (a notebook, a test capture): nothing to filter
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    pump = threading.Thread(target=_pump, args=(read_end, original), daemon=True, name="wurstfabrik-stderr")
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes the pipe's last write end, so the pump drains and ends
+        pump.join(timeout=5)
+        os.close(original)
+
+
+def _pump(read_end: int, out: int) -> None:
+    pending = b""
+    with os.fdopen(read_end, "rb", buffering=0) as source:
+        while chunk := source.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if not _is_noise(line):
+                    os.write(out, line + b"\n")
+            # A glog line starts with "["; anything else without a newline yet (a progress bar) goes out now.
+            if pending and not pending.startswith(b"["):
+                os.write(out, pending)
+                pending = b""
+        if pending and not _is_noise(pending):
+            os.write(out, pending)
+
+
+def _is_noise(line: bytes) -> bool:
+    text = line.decode("utf-8", "replace")
+    return any(p.search(text) for p in NOISE_LINES)

@@ -1,0 +1,98 @@
+"""Helpers shared by the end-to-end job tests: prompt files, specs sized for the 2-CPU test machine, and reading an
+output's final rows back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.spec import JobSpec
+from store.manifest import latest_status, read_manifest
+
+PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen", "an astronaut riding a horse",
+           "sausages on a grill", "a city street in the rain"]
+# Stage placement that fits the 2-CPU test cluster: both actors, a reader, an encoder and a writer at once.
+SMALL_PLACEMENT = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25, "writer_concurrency": 1,
+                   "prior_batch_size": 4, "decoder_batch_size": 4}
+
+
+def write_prompts(path, prompts=PROMPTS, row_group_size=None, **columns):
+    table = pa.table({"prompt": prompts, **columns})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def make_spec(tiny_checkpoints, prompts, output, **fields) -> JobSpec:
+    prior, decoder = tiny_checkpoints
+    placement = {**SMALL_PLACEMENT, **fields.pop("placement", {})}
+    return JobSpec.from_dict({"prompts": str(prompts), "output": str(output), "prior": str(prior),
+                              "decoder": str(decoder), "height": 128, "width": 128, "prior_steps": 4,
+                              "decoder_steps": 3, "placement": placement, **fields})
+
+
+def spec_file(spec: JobSpec, path: Path) -> Path:
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    return path
+
+
+def ok_rows(output) -> dict:
+    return {k: r for k, r in latest_status(read_manifest(output)).items() if r["status"] == "ok"}
+
+
+def image_files(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in (root / "images").rglob("*") if p.is_file())
+
+
+def ok_keys_once(output) -> list[tuple[str, int]]:
+    """The (prompt id, image index) of every ok manifest row; a test asserts there are no repeats."""
+    table = read_manifest(output, ["prompt_id", "image_index", "status"])
+    rows = table.to_pylist()
+    return [(r["prompt_id"], r["image_index"]) for r in rows if r["status"] == "ok"]
+
+
+def start_local_ray(env: dict[str, str], num_cpus: int = 2) -> None:
+    """A fresh local Ray whose workers hold `env` (e.g. another S3 endpoint); the shared one comes back through
+    the ray_local fixture once this one is shut down."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": env})
+
+
+def start_driver(spec: JobSpec, folder: Path, ray_address: str, **popen) -> subprocess.Popen:
+    """`wurstfabrik run` of the spec in a process of its own, joining the test Ray, in its own process group."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec_file(spec, folder / "job.yaml")),
+                             "--no-progress"], env=env, start_new_session=True, **popen)
+
+
+def wait_for_parts(out: Path, count: int, process: subprocess.Popen | None = None, timeout: float = 240) -> None:
+    """Until the output holds `count` manifest parts; the driver, if given, must still be running by then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "manifest").is_dir() and len(list((out / "manifest").glob("part-*"))) >= count:
+            assert process is None or process.poll() is None, "the driver finished before the fault"
+            return
+        assert process is None or process.poll() is None, "the driver finished before the fault"
+        time.sleep(0.1)
+    raise TimeoutError(f"fewer than {count} manifest parts after {timeout} s")
+
+
+def kill_driver_after_parts(spec: JobSpec, folder: Path, ray_address: str, parts: int = 2) -> None:
+    """Starts a driver and kills it (SIGKILL, its whole process group) once `parts` manifest parts exist."""
+    driver = start_driver(spec, folder, ray_address, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_parts(Path(spec.output), parts, driver)
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait()

@@ -1,0 +1,60 @@
+"""Tests for jobs.resources: what a placement needs, whether a cluster (with its autoscaler) can ever hold it, and
+how automatic GPU shares are chosen."""
+
+import pytest
+import yaml
+from test_cluster_config import CLUSTER, JOB
+
+from jobs.resources import ClusterShape, demands, stage_gpus, unschedulable
+from jobs.spec import Placement, load_spec
+
+
+def needs(gpus=(0.0, 0.0), **fields):
+    return demands(Placement(**fields), *gpus)
+
+
+def test_a_small_local_placement_fits_two_cpus():
+    small = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25}
+    assert unschedulable(needs(**small), ClusterShape([{"CPU": 2.0}], [])) is None
+    problem = unschedulable(needs(), ClusterShape([{"CPU": 2.0}], []))
+    assert "together they need CPU 3.25" in problem and "no autoscaler" in problem
+
+
+def test_what_no_node_has_is_named_with_the_field_to_change():
+    problem = unschedulable(needs((1.0, 1.0)), ClusterShape([{"CPU": 8.0}], []))
+    assert "a prior actor needs CPU 1, GPU 1, and no node has enough GPU" in problem
+    assert "placement.prior_actors, prior_cpus, prior_gpus, prior_resources" in problem
+
+
+def test_nodes_the_autoscaler_can_add_count():
+    gpu_node = ({"CPU": 4.0, "GPU": 1.0}, 4)
+    cluster = ClusterShape([{"CPU": 6.0}], [gpu_node])
+    assert unschedulable(needs((1.0, 1.0), prior_actors=2, decoder_actors=2), cluster) is None
+    problem = unschedulable(needs((1.0, 1.0), prior_actors=4, decoder_actors=1), cluster)
+    assert "together they need CPU 6.25, GPU 5" in problem and "can add 4 × (CPU 4, GPU 1)" in problem
+
+
+def test_an_autoscaler_of_unknown_node_types_rules_nothing_out():
+    assert unschedulable(needs((1.0, 1.0)), ClusterShape([{"CPU": 2.0}], [], unknown_autoscaler=True)) is None
+
+
+@pytest.mark.parametrize("gpus, actors, expected", [
+    (0, (1, 1), (0.0, 0.0)), (1, (1, 1), (0.5, 0.5)), (2, (1, 1), (1.0, 1.0)), (1, (2, 1), (0.33, 0.33)),
+    (8, (3, 2), (1.0, 1.0)),
+])
+def test_automatic_gpus_share_what_the_cluster_has(gpus, actors, expected):
+    cluster = ClusterShape([{"CPU": 16.0, "GPU": float(gpus)}], [])
+    place = Placement(prior_actors=actors[0], decoder_actors=actors[1])
+    assert stage_gpus(place, cluster) == expected
+    assert stage_gpus(Placement(prior_gpus=0.25), cluster)[0] == 0.25  # as asked, whatever the cluster
+
+
+def test_the_example_job_fits_the_example_cluster_as_the_driver_checks_it():
+    cluster_yaml = yaml.safe_load(CLUSTER.read_text())
+    head = cluster_yaml["head_node_type"]
+    types = cluster_yaml["available_node_types"]
+    shape = ClusterShape([{k: float(v) for k, v in types[head]["resources"].items()}],
+                         [({k: float(v) for k, v in t["resources"].items()}, t["max_workers"])
+                          for name, t in types.items() if name != head])
+    place = load_spec(JOB).placement
+    assert unschedulable(demands(place, *stage_gpus(place, shape)), shape) is None
