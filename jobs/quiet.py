@@ -10,6 +10,8 @@ import sys
 import threading
 from contextlib import contextmanager
 
+from .supervisor import RunStopped
+
 # Lines the Ray core worker (C++) writes straight to the process's stderr.
 NOISE_LINES = [
     # Ray Data hands every actor of a pool its map function by object reference and sets max_restarts itself, so
@@ -39,11 +41,24 @@ class _DropNoise(logging.Filter):
         return not any(p.search(message) for p in self.patterns)
 
 
+class _DropOwnStop(logging.Filter):
+    """A run stopped on purpose (a signal, a stall, a storage outage) raises RunStopped in the driver's main thread,
+    inside Ray Data's iterator, which reports any exception passing through it as an error in Ray's own code, with
+    a traceback. The run reports the stop itself, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        active = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not isinstance(active, RunStopped)
+
+
 def quiet_ray_logs() -> None:
     for name, patterns in NOISE_LOGS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise(patterns))
+    exceptions = logging.getLogger("ray.data.exceptions")
+    if not any(isinstance(f, _DropOwnStop) for f in exceptions.filters):
+        exceptions.addFilter(_DropOwnStop())
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from jobs.driver import run_job
 from pipeline import WuerstchenPipeline
 from store.ids import image_key
 from store.manifest import latest_status, read_manifest
+from store.runs import read_runs
 from store.storage import open_output
 from workers.faults import FAULTS_ENV
 
@@ -130,7 +131,7 @@ def test_an_image_that_cannot_be_encoded_fails_alone(ray_local, tiny_checkpoints
     assert "5 ok, 1 failed" in capsys.readouterr().out
 
 
-def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path):
+def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "prompts.parquet", [f"{p}, take {i}" for i in range(4) for p in PROMPTS],
                             row_group_size=4)
     out = tmp_path / "out"
@@ -151,6 +152,11 @@ def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path
                                      strict=True), table.column("status").to_pylist(), strict=True) if s == "ok"]
     assert all(ok_keys.count(k) == 1 for k in before)  # nothing that was ok was generated again
     assert {k: (out / image_key(*k, "png")).stat().st_mtime_ns for k in before} == mtimes
+    killed, rerun = read_runs(output)
+    assert killed["state"] == "running" and "finished" not in killed  # the killed run's record says so
+    assert rerun["state"] == "finished" and rerun["unfinished_before"] == [killed["run_id"]]
+    assert main(["status", str(out)]) == 0
+    assert f"run {killed['run_id']}: did not finish" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("prompts, problem", [

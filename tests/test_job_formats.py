@@ -18,7 +18,7 @@ from PIL import Image
 
 from jobs.cli import main
 from jobs.driver import run_job
-from jobs.preview import THUMB, grid
+from jobs.preview import THUMB, grid, write_preview
 from store.storage import open_output
 
 FORMATS = ("files", "webdataset", "parquet")
@@ -93,6 +93,9 @@ def test_s3_jobs_in_every_format_hold_the_same_images_as_local_ones(outputs, tin
             (copy / key).parent.mkdir(parents=True, exist_ok=True)
             (copy / key).write_bytes(output.get(key))
         assert sorted(read_back(output_format, copy).values()) == sorted(local.values()), output_format
+        sheet, page, shown = write_preview(uri, n=3)  # the preview works on S3 too, written beside the output
+        assert shown == 3 and page == output.uri("preview/index.html") and output.exists("preview/contact-sheet.png")
+        assert len([k for k in output.list("preview/images/")]) == 3
 
 
 def test_manifest_rows_say_where_each_image_went(outputs):
