@@ -30,6 +30,7 @@ from store.manifest import (
     image_states,
     input_failures,
     keys_in,
+    named_uris,
     read_job_params,
     read_manifest,
     store_part,
@@ -37,7 +38,7 @@ from store.manifest import (
     write_job_params,
     write_summary,
 )
-from store.runs import RUNNING, unfinished_runs, write_run
+from store.runs import DID_NOT_FINISH, RUNNING, unfinished_runs, write_run
 from store.storage import Output, S3Settings, StorageError, open_output
 from workers.decoder_stage import DecoderStage
 from workers.encoder_stage import encode_images
@@ -262,10 +263,14 @@ class Run:
 
     def write_record(self, state: str, **fields) -> None:
         self.record.update(state=state, **fields)
-        try:
-            write_run(self.output, self.record)
-        except StorageError as e:  # the record is for people; failing to write it must not fail the run
-            log.warning("could not write the run record: %s", e)
+        _write_quietly(self.output, self.record)
+
+
+def _write_quietly(output: Output, record: dict) -> None:
+    try:
+        write_run(output, record)
+    except StorageError as e:  # a record is for people; failing to write one must not fail the run
+        log.warning("could not write the run record: %s", e)
 
 
 def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobResult:
@@ -311,8 +316,9 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
             check_resume(params, output, run.force, spec)  # another run may have finished in between
             dead = unfinished_runs(output, run.run_id)
             for record in dead:
-                log.warning("run %s (started %s on %s) did not finish: its record still says running",
+                log.warning("run %s (started %s on %s) did not finish: its record still said running",
                             record.get("run_id"), record.get("started"), record.get("host"))
+                _write_quietly(output, {**record, "state": DID_NOT_FINISH, "noted_by": run.run_id})
             run.record["unfinished_before"] = [r.get("run_id") for r in dead]
             run.write_record(RUNNING)
         plan = plan_units(spec, scan, read_manifest(output, ["prompt_id", "image_index"], current_job, "ok"))
@@ -413,8 +419,7 @@ def _remove_orphan_shards(spec: JobSpec, output: Output) -> None:
     stored = stored_shard_numbers(output, fmt.shard_prefix)
     if not stored:
         return
-    uris = read_manifest(output, ["uri", "status"]).column("uri").unique().to_pylist()
-    named = {shard_number(u) for u in uris if u and f"/{fmt.shard_prefix}" in u}
+    named = {shard_number(u) for u in named_uris(output) if f"/{fmt.shard_prefix}" in u}
     for number in sorted(stored - named):
         log.info("removing shard %d: no manifest row names it (a run stopped before recording it)", number)
         for key in fmt.shard_objects(number):

@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from store.lease import read_holder
 from store.manifest import image_states, read_job_params
-from store.runs import RUNNING, read_runs
+from store.runs import DID_NOT_FINISH, RUNNING, read_runs
 from store.storage import open_output
 
 SHOWN_FAILURES = 10
@@ -54,7 +54,7 @@ def _first(table: pa.Table, n: int) -> list[dict]:
 def _describe_run(record: dict, holder) -> str:
     state = record.get("state", "?")
     if state == RUNNING and (holder is None or holder.released or holder.run_id != record.get("run_id")):
-        state = "did not finish (killed?)"
+        state = DID_NOT_FINISH  # killed, and no run since has noted it
     planned = record.get("planned") or {}
     parts = [f"{record.get('started', '?')} run {record.get('run_id', '?')}: {state}"]
     if planned:

@@ -242,9 +242,15 @@ def _equals(column: pa.ChunkedArray, value: str) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, type=pa.bool_())
 
 
-def job_rows(table: pa.Table, job_id: str) -> pa.Table:
-    """The rows of one job: an output regenerated with --force also holds an earlier job's rows."""
-    return table.filter(pc.equal(table.column("job_id"), job_id))
+def named_uris(output) -> set[str]:
+    """Every object URI that some manifest row names, of any job. Read dictionary-encoded part by part: a shard's
+    URI repeats on each of its rows, so this stays small however many images there are."""
+    uris: set[str] = set()
+    for key in part_keys(output):
+        with output.open_read(key) as file:
+            column = pq.ParquetFile(file, read_dictionary=["uri"]).read(columns=["uri"]).column("uri")
+        uris.update(u for u in pc.unique(column).to_pylist() if u)
+    return uris
 
 
 def final_rows(table: pa.Table) -> pa.Table:

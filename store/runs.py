@@ -1,5 +1,6 @@
 """Run records: every run writes runs/<started>-<run id>.json when it starts ("running") and again when it ends,
-so an output keeps the history of what each run planned, generated, skipped and failed, and how it ended."""
+so an output keeps the history of what each run planned, generated, skipped and failed, and how it ended. A run
+that is killed leaves "running"; the next run notes it and marks it "did not finish"."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 RUNS_PREFIX = "runs/"
 RUNNING = "running"
+DID_NOT_FINISH = "did not finish"  # what the next run writes into a killed run's record
 
 
 def run_key(started: str, run_id: str) -> str:

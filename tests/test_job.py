@@ -153,8 +153,9 @@ def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path
     assert all(ok_keys.count(k) == 1 for k in before)  # nothing that was ok was generated again
     assert {k: (out / image_key(*k, "png")).stat().st_mtime_ns for k in before} == mtimes
     killed, rerun = read_runs(output)
-    assert killed["state"] == "running" and "finished" not in killed  # the killed run's record says so
-    assert rerun["state"] == "finished" and rerun["unfinished_before"] == [killed["run_id"]]
+    assert "finished" not in killed and rerun["unfinished_before"] == [killed["run_id"]]
+    assert killed["state"] == "did not finish" and killed["noted_by"] == rerun["run_id"]  # the next run noted it
+    assert rerun["state"] == "finished"
     assert main(["status", str(out)]) == 0
     assert f"run {killed['run_id']}: did not finish" in capsys.readouterr().out
 
