@@ -338,10 +338,10 @@ def ray_head(env: dict[str, str], num_cpus: int):
         wait_for_port(dashboard, head)
         address = f"http://127.0.0.1:{dashboard}"
         # The dashboard answers before the head's job agent takes jobs ("No available agent to submit job").
-        deadline = time.monotonic() + 180
-        while subprocess.run([ray, "job", "submit", "--address", address, "--no-wait", "--", "true"], env=env,
-                             capture_output=True, timeout=120).returncode != 0:
-            assert time.monotonic() < deadline, "the head never took a job"
+        deadline = time.monotonic() + 300  # minutes on a loaded 2-core machine
+        while (probe := subprocess.run([ray, "job", "submit", "--address", address, "--no-wait", "--", "true"],
+                                       env=env, capture_output=True, text=True, timeout=120)).returncode != 0:
+            assert time.monotonic() < deadline, f"the head never took a job: {probe.stderr[-2000:]}"
             time.sleep(2)
         yield address
     finally:
