@@ -15,13 +15,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
 from pipeline.geometry import Geometry
 from pipeline.prompt_syntax import check_prompt_syntax
-from store.formats import open_format
+from store.formats import OutputFormat, open_format
 from store.formats.shards import shard_number, stored_shard_numbers
 from store.lease import Holder, Lease
 from store.manifest import (
@@ -87,6 +86,7 @@ class Job:
     run_id: str
     params: dict  # job params: generation fields and checkpoint identity
     geometry: Geometry
+    output_format: OutputFormat
 
 
 def local_folder(name: str) -> Path | None:
@@ -183,7 +183,6 @@ def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tup
     actor_args = {"max_restarts": place.max_restarts, "max_task_retries": place.max_task_retries}
     # Ray 2.60 has no named parameter for actor restarts; its generic remote args warn of deprecation.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-    formats = open_format(spec.output_format, spec.format, spec.shard_size)
     writers = ray.data.TaskPoolStrategy(size=place.writer_concurrency)
     models = StageModels.from_job(job.params, job.geometry, settings)
     job_info = {"job_id": job.job_id, "run_id": job.run_id, "params": json.dumps(spec.sampler_params(),
@@ -212,10 +211,10 @@ def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tup
                      batch_size=None, num_cpus=place.writer_cpus, compute=writers, scheduling_strategy="DEFAULT",
                      runtime_env=runtime_env)
     )
-    if formats.batch_size:
+    if job.output_format.batch_size:
         # A shard format writes one shard per block: blocks of exactly shard_size encoded images (the last one
         # smaller), gathered after encoding, so a writer never holds a shard's raw pixels.
-        encoded = encoded.repartition(target_num_rows_per_block=formats.batch_size, strict=True)
+        encoded = encoded.repartition(target_num_rows_per_block=job.output_format.batch_size, strict=True)
     return encoded.map_batches(
         write_images, fn_kwargs={"output": output, "output_format": spec.output_format, "image_format": spec.format,
                                  "shard_size": spec.shard_size, "job": job_info, "shard_numbers": shard_numbers},
@@ -323,6 +322,8 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
             run.write_record(RUNNING)
         plan = plan_units(spec, scan, read_manifest(output, ["prompt_id", "image_index"], current_job, "ok"))
         new_bad = _unrecorded_bad_rows(plan.bad, output, current_job)
+        job = Job(current_job, run.run_id, params, geometry,
+                  open_format(spec.output_format, spec.format, spec.shard_size))
         run.record["planned"] = {"total_images": plan.total_images, "done_before": plan.done_images,
                                  "to_generate": plan.pending_images, "bad_input": plan.bad.num_rows}
         log.info("%d images in all, %d already done, %d to generate%s", plan.total_images, plan.done_images,
@@ -332,11 +333,11 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
                                       "wurstfabrik": wurstfabrik_version(), "spec": spec.model_dump(mode="json")})
             if new_bad.num_rows:
                 _record_bad_rows(output, new_bad, current_job, run.run_id, spec)
-            _remove_orphan_shards(spec, output)
+            _remove_orphan_shards(job.output_format, output)
         if plan.units:
-            _generate(run, supervisor, plan, Job(current_job, run.run_id, params, geometry), gpus)
+            _generate(run, supervisor, plan, job, gpus)
         with supervisor.critical():
-            _remove_orphan_shards(spec, output)
+            _remove_orphan_shards(job.output_format, output)
             compact(output)
         return _finish(run, plan, current_job, None, None)
     except RunStopped as e:
@@ -351,10 +352,9 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
 
 def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tuple[float, float]) -> None:
     spec, output = run.spec, run.output
-    fmt = open_format(spec.output_format, spec.format, spec.shard_size)
     shard_numbers = None
-    if fmt.shard_prefix is not None:
-        shard_numbers = ShardNumbers.remote(sorted(stored_shard_numbers(output, fmt.shard_prefix)))
+    if job.output_format.shard_prefix is not None:
+        shard_numbers = ShardNumbers.remote(sorted(stored_shard_numbers(output, job.output_format.shard_prefix)))
     watchdog = Watchdog(supervisor, spec.resilience.stall_s, pending_demands)
     watchdog.start()
     bar = tqdm(total=plan.total_images, initial=plan.done_images + plan.bad.num_rows, unit="img",
@@ -410,10 +410,9 @@ def _record_bad_rows(output: Output, bad: pa.Table, current_job: str, run_id: st
     store_part(output, pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA))
 
 
-def _remove_orphan_shards(spec: JobSpec, output: Output) -> None:
+def _remove_orphan_shards(fmt: OutputFormat, output: Output) -> None:
     """Deletes shards that no manifest row names: written by a run that was killed before it recorded them.
     Runs under the lease with no writer going, so no shard is mid-write."""
-    fmt = open_format(spec.output_format, spec.format, spec.shard_size)
     if fmt.shard_prefix is None:
         return
     stored = stored_shard_numbers(output, fmt.shard_prefix)
@@ -434,8 +433,8 @@ def _finish(run: Run, plan: Plan | None, current_job: str, stop_reason: str | No
     total = plan.total_images if plan else 0
     with_summary = True
     try:
-        run_rows = read_manifest(output, ["run_id", "status", "prior_s", "decoder_s", "write_s"], current_job)
-        run_rows = run_rows.filter(pc.equal(run_rows.column("run_id"), run.run_id))
+        run_rows = read_manifest(output, ["status", "prior_s", "decoder_s", "write_s"], current_job,
+                                 run_id=run.run_id)
         summary = summarize(image_states(output, current_job), run_rows, elapsed_s=elapsed)
     except StorageError as e:
         with_summary = False

@@ -21,7 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-MAX_SIDE = 4096
+from store.prompts import MAX_SIDE
+
 SEED_LIMIT = 2**63
 
 # Ray wants CPU and GPU through num_cpus/num_gpus and refuses them as custom resources.

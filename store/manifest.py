@@ -167,13 +167,13 @@ def _check_row(number: int, row: dict[str, Any]) -> None:
 
 
 def read_manifest(output, columns: list[str] | None = None, job_id: str | None = None,
-                  status: str | None = None) -> pa.Table:
-    """All parts concatenated in key order: only `columns`, and only the rows of `job_id` and with `status` if
-    given (filtered part by part, so rows that are not wanted never pile up). An empty table with the schema when
-    there are none. A part merged away while this reads makes it read the new listing."""
+                  status: str | None = None, run_id: str | None = None) -> pa.Table:
+    """All parts concatenated in key order: only `columns`, and only the rows of `job_id`, with `status` and of
+    `run_id` if given (filtered part by part, so rows that are not wanted never pile up). An empty table with the
+    schema when there are none. A part merged away while this reads makes it read the new listing."""
     names = list(columns or MANIFEST_SCHEMA.names)
     schema = pa.schema([MANIFEST_SCHEMA.field(n) for n in names])
-    wanted = {"job_id": job_id, "status": status}
+    wanted = {"job_id": job_id, "status": status, "run_id": run_id}
     for attempt in range(3):
         keys = part_keys(output)
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
@@ -213,7 +213,9 @@ def _read_part(output, key: str, schema: pa.Schema, wanted: dict[str, str | None
         if not output.exists(key):
             return None
         raise
-    if filters:
+    if any(name not in table.column_names for name in filters):
+        table = table.slice(0, 0)  # a part written before the filter column existed holds no such rows
+    elif filters:
         mask = None
         for name, value in filters.items():
             match = _equals(table.column(name), value)

@@ -16,7 +16,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
@@ -557,7 +557,7 @@ def list_files(location: str, suffix: str = "", settings: S3Settings | None = No
         return files or None
     literal = re.split(r"[*?\[]", location, maxsplit=1)[0]
     bucket, prefix = _parse_s3(literal.rpartition("/")[0] + "/" if is_glob else location)
-    bucket_root = S3Output(bucket, "", settings, endpoint=_endpoint_from_env())
+    bucket_root = open_output(f"s3://{bucket}", settings)
     uris = [f"s3://{bucket}/{key}" for key in bucket_root.list(f"{prefix}/" if prefix else "")]
     if is_glob:
         files = sorted(u for u in uris if fnmatchcase(u, location))
@@ -572,16 +572,12 @@ def open_input(uri: str, settings: S3Settings | None = None) -> BinaryIO:
     """A seekable binary file for reading a local path or an s3:// object (ranged GETs, same retries)."""
     if uri.startswith("s3://"):
         bucket, key = _parse_s3(uri)
-        return S3Output(bucket, "", settings, endpoint=_endpoint_from_env()).open_read(key)
+        return open_output(f"s3://{bucket}", settings).open_read(key)
     path = _local_path(uri)
     try:
         return open(path, "rb")  # noqa: SIM115 - the caller closes it
     except OSError as err:
         raise StorageError(f"{path}: cannot read: {err.strerror or err}") from err
-
-
-def with_outage(settings: S3Settings | None, outage_s: float) -> S3Settings:
-    return replace(settings or S3Settings(), outage_s=outage_s)
 
 
 def _endpoint_from_env() -> str | None:

@@ -44,6 +44,4 @@ FORMATS: dict[str, type] = {"files": FilesFormat, "webdataset": WebDatasetFormat
 
 
 def open_format(name: str, image_format: str, shard_size: int) -> OutputFormat:
-    if name == "files":
-        return FilesFormat(image_format)
     return FORMATS[name](image_format, shard_size)
