@@ -19,6 +19,7 @@ from store.storage import StorageError
 
 from .preview import NothingToPreview, write_preview
 from .quiet import filtered_stderr
+from .schema import schema_text
 from .spec import JobSpec, SpecError, load_spec
 from .status import NoJob, status_report
 
@@ -95,12 +96,42 @@ def demo(folder: Path, overrides: list[str], progress: bool) -> int:
     return code
 
 
+RUN_EXIT_CODES = """\
+exit codes:
+  0         every image is done (bad rows skipped with bad_rows: skip are reported, not counted)
+  1         images failed or missing, or the run stopped (a storage outage, a stall, a lost lease):
+            run again, a rerun makes only what is missing or failed
+  2         a spec, input, storage, checkpoint or placement problem; nothing was written: fix it
+  3         another run holds the output's lease (named in the message): skip this slot
+  130, 143  stopped by SIGINT or SIGTERM; the next run resumes
+
+The job spec's fields, the output layout, resuming and these codes: docs/jobs.md
+(`wurstfabrik schema` prints the spec's JSON Schema)."""
+
+
+class _ShowVersions(argparse.Action):
+    """--version: computed only when asked, since it imports torch."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .versions import version_report
+
+        print(version_report())
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wurstfabrik", description="Batch image generation with Würstchen on Ray.",
                                 epilog="exit codes: 0 done; 1 images failed, missing or stopped (rerun); 2 bad "
-                                       "spec/input/storage/checkpoint; 3 output leased by another run")
+                                       "spec/input/storage/checkpoint; 3 output leased by another run. "
+                                       "`wurstfabrik run --help` says more; docs/jobs.md has the whole reference.")
+    p.add_argument("--version", action=_ShowVersions,
+                   help="print the versions of wurstfabrik, Python, Ray and torch, and whether CUDA is available")
     sub = p.add_subparsers(dest="command", required=True)
-    run_p = sub.add_parser("run", help="generate the images of a job spec (YAML)")
+    run_p = sub.add_parser("run", help="generate the images of a job spec (YAML)", epilog=RUN_EXIT_CODES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     run_p.add_argument("spec", help="job spec, a YAML file")
     run_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a spec field, e.g. --set height=512 --set placement.prior_actors=2")
@@ -117,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     demo_p.add_argument("--dir", default="demo", type=Path, help="where the demo's inputs and output go")
     demo_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo_p.add_argument("--no-progress", action="store_true")
+    sub.add_parser("schema", help="print the job spec's JSON Schema (as in schema/job.schema.json)")
     return p
 
 
@@ -155,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             return status(args.output)
         if args.command == "preview":
             return preview(args.output, args.n, args.to)
+        if args.command == "schema":
+            print(schema_text(), end="")
+            return 0
         with filtered_stderr():
             return demo(args.dir, args.overrides, not args.no_progress)
     except USER_ERRORS as e:

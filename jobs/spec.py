@@ -72,30 +72,44 @@ class SpecError(Exception):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # Each field's docstring is its description in `wurstfabrik schema` and in docs/jobs.md's field table.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 class Placement(_Frozen):
     """How the stages are spread over the Ray cluster; does not change the images."""
 
     prior_actors: StrictInt = Field(1, ge=1)
+    """Prior (Stage C) actor pool size."""
     decoder_actors: StrictInt = Field(1, ge=1)
-    # None means auto: one GPU per actor when the cluster has GPUs, else none; 0 forces the CPU.
+    """Decoder (Stage B and Stage A) actor pool size."""
     prior_gpus: StrictFloat | None = Field(None, ge=0)
+    """GPUs per prior actor (fractions below 1 share a GPU; 0 runs on the CPU). Auto: 1 where the cluster has (or
+    its autoscaler can add) a GPU per actor, an equal share where it has fewer (one GPU: 0.5 each), 0 without GPUs."""
     decoder_gpus: StrictFloat | None = Field(None, ge=0)
+    """GPUs per decoder actor, as `prior_gpus`."""
     prior_cpus: StrictFloat = Field(1.0, gt=0)
+    """CPUs reserved per prior actor."""
     decoder_cpus: StrictFloat = Field(1.0, gt=0)
-    writer_cpus: StrictFloat = Field(0.5, gt=0)  # per encoder or writer task
+    """CPUs reserved per decoder actor."""
+    writer_cpus: StrictFloat = Field(0.5, gt=0)
+    """CPUs reserved per encoder or writer task."""
     prior_batch_size: StrictInt = Field(8, ge=1)
+    """Images per prior model batch."""
     decoder_batch_size: StrictInt = Field(8, ge=1)
-    # None: as many encoder and writer tasks as free CPUs allow (Ray Data scales them); a number caps each.
+    """Images per decoder model batch."""
     writer_concurrency: StrictInt | None = Field(None, ge=1)
+    """Caps the encoder and the writer tasks, each; none lets Ray Data run as many as there are free CPUs."""
     prior_resources: dict[str, StrictFloat] = Field(default_factory=dict)
+    """Custom Ray resources per prior actor, to pin the stage to a node type (e.g. `{prior_node: 0.01}`)."""
     decoder_resources: dict[str, StrictFloat] = Field(default_factory=dict)
+    """Custom Ray resources per decoder actor, to pin the stage to a node type."""
     # -1 is Ray's "retry forever". A batch is retried for as long as its actor can be restarted: a restart on
     # another node (the first one lost) takes longer than a few quick retries.
     max_restarts: StrictInt = Field(3, ge=-1)
+    """Restarts of a stage actor that dies (-1: without limit)."""
     max_task_retries: StrictInt = Field(-1, ge=-1)
+    """Retries of a batch after its worker dies (-1: for as long as the actor can be restarted)."""
 
     @field_validator("prior_gpus", "decoder_gpus")
     @classmethod
@@ -121,9 +135,13 @@ class Placement(_Frozen):
 class Resilience(_Frozen):
     """How long a run waits out trouble before it gives up; does not change the images."""
 
-    storage_outage_s: StrictFloat = Field(60.0, ge=0)  # transient S3 failures are retried this long per request
-    lease_stale_s: StrictFloat = Field(300.0, gt=0)  # a lease not renewed this long belongs to a dead run
-    stall_s: StrictFloat = Field(1800.0, gt=0)  # no image finished this long: report Ray's pending work and stop
+    storage_outage_s: StrictFloat = Field(60.0, ge=0)
+    """Seconds each S3 call retries transient failures before the run stops (exit 1)."""
+    lease_stale_s: StrictFloat = Field(300.0, gt=0)
+    """Seconds after which a lease not renewed belongs to a dead run, and the next run takes it over."""
+    stall_s: StrictFloat = Field(1800.0, gt=0)
+    """Seconds without a finished image after which the run reports what Ray is waiting to schedule and stops (exit
+    1); a warning at half that."""
 
 
 def _check_location(value: str) -> str:
@@ -140,49 +158,88 @@ class JobSpec(_Frozen):
     """Everything one generation job needs: inputs, models, sampler, output, placement."""
 
     prompts: str
+    """The prompt files: a Parquet file, a folder, a glob, or an `s3://` prefix."""
     prompt_column: str = "prompt"
+    """The column of prompt texts (strings; null, empty and over-2000-character prompts are bad rows)."""
     id_column: str | None = None
+    """A column of stable prompt ids (strings or integers); without it, an id is `<file name>-<row number>`."""
     negative_prompt_column: str | None = None
+    """A column of per-row negative prompts; without it, `negative_prompt` for every row."""
     seed_column: str | None = None
+    """A column of per-row seeds; without it, seeds derive from `seed` and the prompt id."""
     height_column: str | None = None
+    """A column of per-row heights; without it, `height`."""
     width_column: str | None = None
+    """A column of per-row widths; without it, `width`."""
 
-    output: str = "output"  # a local folder, relative to where the job runs
+    output: str = "output"
+    """Where the images, manifest and run records go: a folder (relative to where the job runs) or
+    `s3://bucket/prefix`."""
 
     prior: str = "warp-ai/wuerstchen-prior"
-    # Where a model-only prior (warp-ai/wuerstchen-prior-model-base, -interpolated) takes its text encoder from.
+    """The prior (Stage C): a hub id or a checkpoint folder; a model-only prior works too (docs/engine.md)."""
     prior_text: str = "warp-ai/wuerstchen-prior"
+    """Where a model-only prior takes its text encoder and tokenizer from."""
     decoder: str = "warp-ai/wuerstchen"
+    """The decoder (Stage B and Stage A): a hub id or a checkpoint folder."""
 
     height: StrictInt = Field(1024, gt=0, le=MAX_SIDE)
+    """The image height delivered, exactly (made at the nearest size the stages can make that covers it, then cut)."""
     width: StrictInt = Field(1024, gt=0, le=MAX_SIDE)
+    """The image width delivered, exactly (as `height`)."""
     images_per_prompt: StrictInt = Field(1, ge=1)
+    """Images per prompt row."""
     seed: StrictInt = Field(0, ge=0, lt=SEED_LIMIT)
+    """The job seed; image seeds derive from it and the prompt id, unless `seed_column` gives them."""
 
     prior_steps: StrictInt | None = Field(None, ge=1)
+    """Stage C sampler steps, evenly spaced; none: Würstchen's 30-step schedule. Set this or `prior_timesteps`, not
+    both."""
     prior_timesteps: tuple[StrictFloat, ...] | None = None
+    """Stage C sampler timesteps, strictly decreasing within [0, 1]; none: Würstchen's 30-step schedule."""
     prior_guidance_scale: StrictFloat = Field(4.0, ge=0)
+    """Stage C classifier-free guidance (1 or less turns it off)."""
     decoder_steps: StrictInt = Field(12, ge=1)
+    """Stage B sampler steps."""
     decoder_guidance_scale: StrictFloat = Field(0.0, ge=0)
+    """Stage B classifier-free guidance (1 or less turns it off)."""
     negative_prompt: str = ""
+    """The negative prompt where there is no `negative_prompt_column`."""
 
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    """The stages' dtype; none (auto): bfloat16 on CUDA, float32 elsewhere."""
     format: Literal["png", "jpeg", "webp"] = "png"
+    """Image encoding (`jpg` is read as `jpeg`)."""
     quality: StrictInt = Field(90, ge=1, le=100)
+    """JPEG and WebP quality."""
     prompt_syntax: Literal["plain", "compel", "a1111"] = "plain"
+    """`compel` or `a1111` read prompt weighting (docs/engine.md); a prompt that does not parse is a bad row."""
     long_prompts: Literal["truncate", "chunk"] = "truncate"
-    resize: StrictBool = False  # a size the stages cannot make directly: scaled to it (True) or cut from it
+    """`truncate` cuts prompts at CLIP's 77 tokens; `chunk` encodes longer prompts window by window instead."""
+    resize: StrictBool = False
+    """Scale the made image to the requested size before cutting (keeping the aspect ratio), instead of only cutting."""
 
-    compile: StrictBool | None = None  # None: on for CUDA, off elsewhere (and with offload)
-    compile_cache: str | None = None  # a folder or s3:// prefix that keeps compiled kernels between actors
+    compile: StrictBool | None = None
+    """Compile each stage's step (`torch.compile`, CUDA graphs); none (auto): on for CUDA, off elsewhere and with
+    offload."""
+    compile_cache: str | None = None
+    """A folder or `s3://` prefix where compiled kernels are kept, so only the first actor of a stage compiles."""
     offload: Literal["none", "model", "sequential"] = "none"
+    """`model` or `sequential`: keep modules in CPU memory while they do not run, for small GPUs; not with `compile`."""
 
     output_format: Literal["files", "webdataset", "parquet"] = "files"
-    shard_size: StrictInt = Field(256, ge=1, le=100_000)  # images per shard (webdataset, parquet)
+    """One image file each (`files`), WebDataset tar shards, or Hugging Face Parquet shards
+    (docs/jobs.md#output-formats)."""
+    shard_size: StrictInt = Field(256, ge=1, le=100_000)
+    """Images per WebDataset or Parquet shard."""
     bad_rows: Literal["refuse", "skip"] = "refuse"
+    """`refuse`: any bad row stops the job before it starts (up to 20 listed); `skip`: bad rows become `failed`
+    manifest rows naming file, row and problem, and the rest runs."""
 
     placement: Placement = Field(default_factory=Placement)
+    """How the stages are spread over the Ray cluster; does not change the images."""
     resilience: Resilience = Field(default_factory=Resilience)
+    """How long a run waits out trouble before it gives up; does not change the images."""
 
     @field_validator("prompts")
     @classmethod
