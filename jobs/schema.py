@@ -155,6 +155,9 @@ def _one_line_descriptions(node: Any) -> None:
 
 def main() -> int:
     """Rewrites schema/job.schema.json and the field table in docs/jobs.md from JobSpec."""
+    if not DOCS_FILE.exists():
+        print(f"error: {DOCS_FILE} not found; run this from a checkout of the repository", file=sys.stderr)
+        return 1
     missing = undescribed_fields()
     if missing:
         print(f"error: fields without a description (a docstring under the field): {', '.join(missing)}",
