@@ -42,6 +42,6 @@ def job_id(params: dict[str, Any]) -> str:
 def sample_provenance(params: dict[str, Any], current_job: str) -> dict[str, Any]:
     """What every sample's metadata carries about the job that made it."""
     sampler = {k: params[k] for k in ("prior_steps", "prior_timesteps", "prior_guidance_scale", "decoder_steps",
-                                      "decoder_guidance_scale", "dtype") if k in params}
+                                      "decoder_guidance_scale", "dtype", "quantize") if k in params}
     return {"job_id": current_job, "wurstfabrik": wurstfabrik_version(), "prior": params["prior_checkpoint"],
             "decoder": params["decoder_checkpoint"], "sampler": sampler}

@@ -56,6 +56,7 @@ GENERATION_FIELDS = (
     "prompt_syntax",
     "long_prompts",
     "resize",
+    "quantize",
 )
 
 SAMPLER_FIELDS = (
@@ -64,6 +65,7 @@ SAMPLER_FIELDS = (
     "prior_guidance_scale",
     "decoder_steps",
     "decoder_guidance_scale",
+    "quantize",
 )
 
 
@@ -176,6 +178,9 @@ class JobSpec(_Frozen):
     compile: StrictBool | None = None  # None: on for CUDA, off elsewhere (and with offload)
     compile_cache: str | None = None  # a folder or s3:// prefix that keeps compiled kernels between actors
     offload: Literal["none", "model", "sequential"] = "none"
+    quantize: Literal["none", "fp8"] = Field(
+        "none", description="fp8: Stage C's and Stage B's linear layers in float8 (NVIDIA compute capability 8.9 "
+                            "or newer, or the CPU); changes the images slightly")
 
     output_format: Literal["files", "webdataset", "parquet"] = "files"
     shard_size: StrictInt = Field(256, ge=1, le=100_000)  # images per shard (webdataset, parquet)
