@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from jobs.driver import JobError, check_resume
 from jobs.provenance import job_params, sample_provenance
 from jobs.spec import SpecError, default_spec
-from pipeline import DecoderPipeline, PriorPipeline, WuerstchenPipeline
+from pipeline import DecoderPipeline, PriorPipeline, WuerstchenPipeline, load_component
 from pipeline.compiled import CompileOptions
 from pipeline.fp8 import E4M3_MAX, Float8Linear, check_quantize, fp8_problem, quantize_linears, rowwise_fp8
 from store.manifest import write_job_params
@@ -77,6 +77,27 @@ def test_quantize_linears_keeps_layers_cuda_cannot_take():
     kept = quantize_linears(model)
     assert kept == ["2.0", "2.1"]  # 24 features is not a multiple of 16
     assert isinstance(model[0], Float8Linear) and type(model[2][0]) is nn.Linear
+
+
+def test_every_float8_matmul_meets_cudas_layout_rules(tiny_checkpoints):
+    """On the meta device, torch._scaled_mm checks what CUDA's kernel requires (row-major activations, a column-major
+    weight, sizes divisible by 16, (rows, 1) and (1, out) float32 scales) without a GPU: whole Stage C and Stage B
+    steps, Stage B in channels_last as compile puts it on CUDA."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    prior = load_component(tiny_checkpoints[0] / "prior", "cpu", torch.bfloat16, kind="prior")
+    assert quantize_linears(prior) == []
+    prior = prior.to("meta")
+    cond = prior.condition(torch.empty(4, 77, prior.config.c_cond, **meta))
+    assert prior.denoise(torch.empty(4, 16, 3, 3, **meta), torch.empty(4, device="meta"), cond).shape == (4, 16, 3, 3)
+    decoder = load_component(tiny_checkpoints[1] / "decoder", "cpu", torch.bfloat16, kind="decoder")
+    assert quantize_linears(decoder) == ["clip_mapper"]
+    decoder = decoder.to("meta").to(memory_format=torch.channels_last)
+    cond = decoder.condition(torch.empty(4, 16, 3, 3, **meta), torch.empty(4, 77, decoder.config.clip_embd, **meta),
+                             latent_size=(32, 32))
+    x = torch.empty(4, 4, 32, 32, **meta).contiguous(memory_format=torch.channels_last)
+    assert decoder.denoise(x, torch.empty(4, device="meta"), cond).shape == (4, 4, 32, 32)
+    with pytest.raises(RuntimeError, match="divisible by 16"):  # what keeps a layer in bfloat16
+        Float8Linear(nn.Linear(24, 32)).to("meta")(torch.empty(2, 24, **meta))
 
 
 @pytest.fixture(scope="module")
