@@ -155,6 +155,14 @@ def test_fp8_stages_compile_to_whole_graphs(tiny_checkpoints, pipelines):
     assert np.array_equal(images, eager.decoder.decode(latents, PROMPTS[:2], SEEDS[:2], steps=2))
 
 
+def test_fp8_offloads(tiny_checkpoints, pipelines):
+    """Offloading moves a float8 layer's buffers like any weights: the same latents, block by block."""
+    offloaded = PriorPipeline.from_pretrained(tiny_checkpoints[0], device="cpu", dtype=torch.bfloat16, quantize="fp8",
+                                              offload="sequential")
+    expected = pipelines["fp8"].prior(PROMPTS[:2], SEEDS[:2], height=128, width=128, steps=3).latents
+    assert torch.equal(offloaded(PROMPTS[:2], SEEDS[:2], height=128, width=128, steps=3).latents, expected)
+
+
 def test_fp8_needs_compute_capability_8_9():
     assert fp8_problem("cpu", None) is None
     for capability in ((8, 9), (9, 0), (10, 0), (12, 0)):
