@@ -17,7 +17,7 @@ def test_dry_run_measures_every_row(tmp_path):
     done = subprocess.run([sys.executable, "bench/gpu.py", "--dry-run", "--batches", "2", "--quantize", "none,fp8",
                            "--out", str(out)],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["dry_run"] and result["gpu"] == "cpu" and result["quantize"] == ["none", "fp8"]

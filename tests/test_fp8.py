@@ -17,9 +17,11 @@ from jobs.spec import SpecError, default_spec
 from pipeline import DecoderPipeline, PriorPipeline, WuerstchenPipeline, load_component
 from pipeline.compiled import CompileOptions
 from pipeline.fp8 import E4M3_MAX, Float8Linear, check_quantize, fp8_problem, quantize_linears, rowwise_fp8
+from pipeline.geometry import Geometry
 from store.manifest import write_job_params
 from store.storage import open_output
 from workers.fp8_probe import fp8_gpu_problem
+from workers.models import StageModels
 
 torch.set_num_threads(1)
 
@@ -196,3 +198,12 @@ def test_the_job_records_quantize_and_resume_refuses_a_change(tmp_path):
         check_resume(params, output, False, fp8)
     check_resume(params, output, True, fp8)  # --force regenerates
     check_resume(job_params(plain, identity, identity), output, False, plain)
+
+
+def test_the_stage_actors_load_what_the_spec_asks(tiny_checkpoints, tmp_path):
+    prior, decoder = tiny_checkpoints
+    spec = default_spec("p", str(tmp_path), prior=str(prior), prior_text=str(prior), decoder=str(decoder),
+                        quantize="fp8", dtype="bfloat16")
+    models = StageModels(Geometry.from_checkpoints(prior, decoder))
+    assert float8_layers(models.load_prior(spec)[0].prior) > 0
+    assert float8_layers(models.load_decoder(spec)[0].decoder) > 0
