@@ -1,10 +1,12 @@
 """The engine on one GPU against diffusers' reference on the same GPU, in one run: images/s at 1024×1024 for the
 reference (eager, and compiled as its docs say) and ours (eager, compiled, compiled + CUDA graphs) at batch 1 and
 batch 8, per-stage milliseconds, achieved TFLOP/s against the FLOP count, peak GPU memory, cold and warm compile
-times, and the bfloat16-vs-float32 image difference.
+times, and the bfloat16-vs-float32 image difference. With --quantize none,fp8, also ours compiled with Stage C's and
+Stage B's linear layers in float8 (with and without CUDA graphs) and the fp8-vs-bfloat16 image difference.
 
     python bench/gpu.py                 # one H100/H200 in under 8 minutes; writes bench/results/gpu-<gpu>.json
     python bench/gpu.py --dry-run       # the whole script on the CPU at tiny sizes (compiles with dynamo only)
+    python bench/gpu.py --batches 8,16 --quantize none,fp8   # bfloat16 and fp8 rows (fp8 needs sm_89 or newer)
 
 It needs torch, transformers, safetensors, pillow, numpy, pyarrow and diffusers 0.42.1: no Ray, no download. The
 published architecture sizes are built in memory with random weights (bench/pipeline.py's builders) and ours holds
@@ -61,6 +63,7 @@ from pipeline import DecoderPipeline, PriorPipeline, WuerstchenPipeline, decoder
 from pipeline.checkpoint import COMPONENTS, build_config
 from pipeline.compile_cache import CompileCache
 from pipeline.compiled import CompileOptions
+from pipeline.fp8 import QUANTIZE_MODES, fp8_problem, quantize_linears
 from pipeline.text import TextEncoder
 from pipeline.tiny import (
     DECODER_TEXT_WIDTH,
@@ -270,6 +273,21 @@ def image_difference(a, b) -> dict:
             "psnr_db": float(10 * math.log10(255**2 / mse)) if mse else None}
 
 
+def quantized(ours: WuerstchenPipeline) -> WuerstchenPipeline:
+    """Ours with Stage C's and Stage B's linear layers in float8, as from_pretrained(quantize="fp8") makes them."""
+    quantize_linears(ours.prior.prior)
+    quantize_linears(ours.decoder.decoder)
+    return ours
+
+
+def image_differences(a: list, b: list) -> dict:
+    """Per-image PSNR of two runs on the same prompts and seeds, and the first image's difference in levels."""
+    psnr = [image_difference(x, y)["psnr_db"] for x, y in zip(a, b, strict=True)]
+    finite = [v for v in psnr if v is not None]  # None: identical images
+    return {**image_difference(a[0], b[0]), "images": len(psnr), "psnr_db_per_image": psnr,
+            "psnr_db_min": min(finite) if finite else None}
+
+
 def to_float32(ours: WuerstchenPipeline) -> None:
     """Ours in float32, eager, without TF32 (cuDNN's convolutions default to it)."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -295,12 +313,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="compile ours with the inductor flags of PyTorch's SDXL recipe (conv_1x1_as_mm, "
                              "coordinate_descent_tuning, epilogue_fusion off); compare with a run without")
     parser.add_argument("--max-autotune", action="store_true", help="compile ours with inductor's max_autotune")
+    parser.add_argument("--quantize", default="none",
+                        help="ours' precisions, comma-separated: none (bfloat16) and/or fp8, which adds the rows "
+                             "'ours compiled fp8' and 'ours compiled fp8 + CUDA graphs'; the bfloat16 rows always run "
+                             "(default none)")
     parser.add_argument("--out", help="JSON file to write (default bench/results/gpu-<gpu name>.json; none dry)")
     parser.add_argument("--device", help="cuda if available, else cpu")
     args = parser.parse_args(argv)
     args.batches = sorted({int(b) for b in args.batches.split(",")})
     if min(args.batches) < 1:
         parser.error("--batches must be positive")
+    args.quantize = [q.strip() for q in args.quantize.split(",")]
+    if not set(args.quantize) <= set(QUANTIZE_MODES):
+        parser.error(f"--quantize takes {', '.join(QUANTIZE_MODES)}, comma-separated")
     return args
 
 
@@ -326,7 +351,7 @@ def main(argv=None) -> dict:
 
     result = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "diffusers": diffusers_version, "dtype": "bfloat16", "height": height, "width": width,
-              "dry_run": args.dry_run, "backend": backend,
+              "dry_run": args.dry_run, "backend": backend, "quantize": args.quantize,
               "settings": {"prior_steps": PRIOR_STEPS, "prior_guidance": PRIOR_GUIDANCE, "decoder_steps": DECODER_STEPS,
                            "decoder_guidance": DECODER_GUIDANCE, "repeats": repeats},
               "rows": []}
@@ -338,6 +363,11 @@ def main(argv=None) -> dict:
         write_tiny_checkpoints(tmp / "tiny")  # for the tokenizers and the pipelines' settings
         reference = build_reference(tmp / "tiny", full, device, dtype)
         ours = ours_from_reference(*reference)
+        # Built before the reference is compiled (its compiled modules' state dicts have other names); it holds the
+        # reference's tensors but its own float8 copies of the linear layers' weights.
+        fp8_skip = fp8_problem(device.type, torch.cuda.get_device_capability(device) if device.type == "cuda"
+                               else None, gpu) if "fp8" in args.quantize else None
+        ours_fp8 = quantized(ours_from_reference(*reference)) if "fp8" in args.quantize and not fp8_skip else None
         result["build_s"] = round(time.perf_counter() - start, 1)
         print(f"built both in {result['build_s']} s", flush=True)
 
@@ -364,12 +394,15 @@ def main(argv=None) -> dict:
             rows[system, b] = measure(Row(system, b), run, repeats, device, budget, estimate)
             return rows[system, b]
 
-        def set_cuda_graphs(on: bool) -> None:
-            ours.prior.denoiser.cuda_graphs = ours.decoder.denoiser.cuda_graphs = on
+        def set_cuda_graphs(on: bool, pipe: WuerstchenPipeline = ours) -> None:
+            pipe.prior.denoiser.cuda_graphs = pipe.decoder.denoiser.cuda_graphs = on
 
-        def ours_eager(b: int) -> list:
-            images[b] = systems.ours_run(b)  # kept for the float32 comparison
-            return images[b]
+        def keeping(system: str, run):
+            """run, with the images of each batch kept for the precision comparisons."""
+            def call(b: int) -> list:
+                images[system, b] = run(b)
+                return images[system, b]
+            return call
 
         # Eager first, then compiled (which puts Stage B and Stage A in channels_last on CUDA); in each, the largest
         # batch first: what a job runs.
@@ -378,13 +411,13 @@ def main(argv=None) -> dict:
         batches = sorted(args.batches, reverse=True)
         eager_steps = (ours.prior.denoiser, ours.decoder.denoiser)
         for b in batches:
-            row("ours eager", b, ours_eager)
+            row("ours eager", b, keeping("ours eager", systems.ours_run))
             row("reference eager", b, systems.reference)
         ours.compile(compile_options)
         reference[0].prior = torch.compile(reference[0].prior, **reference_compile)
         reference[1].decoder = torch.compile(reference[1].decoder, **reference_compile)
         for b in batches:
-            compiled = row("ours compiled", b, systems.ours_run, graphs=2)
+            compiled = row("ours compiled", b, keeping("ours compiled", systems.ours_run), graphs=2)
             if compiled.first_call_s and compiled.s_per_batch and backend == "inductor":
                 per_graph_s.append(max(compiled.first_call_s - compiled.s_per_batch, 1.0) / 2)
             set_cuda_graphs(True)  # the same compiled steps, now captured (on the CPU: replayed on static buffers)
@@ -395,6 +428,25 @@ def main(argv=None) -> dict:
                                               for k, v in memory_held(device).items()}
             set_cuda_graphs(False)
             row("reference compiled", b, systems.reference, graphs=2)
+        if fp8_skip:
+            for b in batches:
+                rows["ours compiled fp8", b] = Row("ours compiled fp8", b, note=f"skipped: {fp8_skip}")
+        elif ours_fp8 is not None:
+            fp8_systems = Systems(reference, ours_fp8, height, width)
+            ours_fp8.compile(compile_options)
+            for b in batches:
+                row("ours compiled fp8", b, keeping("ours compiled fp8", fp8_systems.ours_run), graphs=2)
+                set_cuda_graphs(True, ours_fp8)
+                row("ours compiled fp8 + CUDA graphs", b, fp8_systems.ours_run)
+                set_cuda_graphs(False, ours_fp8)
+            both = [b for b in batches if ("ours compiled fp8", b) in images and ("ours compiled", b) in images]
+            if both:
+                b = min(both)
+                result["fp8_vs_bf16"] = {"batch": b, "compared": "ours compiled fp8 against ours compiled (bfloat16)",
+                                         **image_differences(images["ours compiled fp8", b],
+                                                             images["ours compiled", b]),
+                                         "note": "random weights: the published weights may differ more or less"}
+                print(f"fp8 vs bfloat16, batch {b} (levels of 255, PSNR dB): {result['fp8_vs_bf16']}", flush=True)
 
         for (_, b), r in rows.items():
             for name in ("eager", "compiled"):
@@ -403,8 +455,9 @@ def main(argv=None) -> dict:
                     setattr(r, f"ratio_to_reference_{name}", round(r.images_per_s / base.images_per_s, 3))
         result["rows"] = [asdict(r) for r in rows.values()]
 
-        best = max((r for r in rows.values() if r.system.startswith("ours") and r.images_per_s),
-                   key=lambda r: (r.batch, r.images_per_s), default=None)
+        # The best bfloat16 row, measured against bfloat16's bound; fp8's best gets its per-stage times apart.
+        best = max((r for r in rows.values() if r.system.startswith("ours") and "fp8" not in r.system
+                    and r.images_per_s), key=lambda r: (r.batch, r.images_per_s), default=None)
         if best is not None:
             result["best"] = {"system": best.system, "batch": best.batch, "images_per_s": best.images_per_s,
                               "tflops_achieved": best.images_per_s * flops["per_image"]}
@@ -417,6 +470,13 @@ def main(argv=None) -> dict:
                     ours.prior.denoiser, ours.decoder.denoiser = eager_steps
                 result["stage_ms"] = {"system": best.system, **stage_times(ours, best.batch, height, width, device)}
                 print(f"per stage ({best.system}, batch {best.batch}), ms: {result['stage_ms']}", flush=True)
+        best_fp8 = max((r for r in rows.values() if "fp8" in r.system and r.images_per_s),
+                       key=lambda r: (r.batch, r.images_per_s), default=None)
+        if best_fp8 is not None and budget.left() > 30:
+            set_cuda_graphs("graphs" in best_fp8.system, ours_fp8)
+            result["stage_ms_fp8"] = {"system": best_fp8.system,
+                                      **stage_times(ours_fp8, best_fp8.batch, height, width, device)}
+            print(f"per stage ({best_fp8.system}, batch {best_fp8.batch}), ms: {result['stage_ms_fp8']}", flush=True)
 
         # Compile times: cold from the rows above; warm from the saved artifacts alone, in an empty inductor cache.
         cold = {f"batch {b}": round(r.first_call_s - r.s_per_batch, 2) for (s, b), r in rows.items()
@@ -441,10 +501,11 @@ def main(argv=None) -> dict:
         print(f"compile s: {result['compile_s']}", flush=True)
 
         b = min(args.batches)
-        if budget.left() > 20 and b in images:
+        if budget.left() > 20 and ("ours eager", b) in images:
             to_float32(ours)
             float32 = systems.ours_run(b)
-            result["bf16_vs_float32"] = {"image": 0, "batch": b, **image_difference(images[b][0], float32[0]),
+            result["bf16_vs_float32"] = {"image": 0, "batch": b,
+                                         **image_difference(images["ours eager", b][0], float32[0]),
                                          "note": "random weights: the published weights may differ more or less"}
             print(f"bfloat16 vs float32, first image (levels of 255): {result['bf16_vs_float32']}", flush=True)
 

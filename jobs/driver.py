@@ -42,6 +42,7 @@ from store.storage import Output, S3Settings, StorageError, open_output
 from workers.decoder_stage import DecoderStage
 from workers.encoder_stage import encode_images
 from workers.faults import FAULTS_ENV
+from workers.fp8_probe import fp8_gpu_problem
 from workers.models import StageModels
 from workers.prior_stage import PriorStage
 from workers.reader_stage import read_unit
@@ -258,6 +259,10 @@ class Run:
         problem = unschedulable(demands(place, *gpus), cluster)
         if problem:
             raise JobError(problem)
+        if self.spec.quantize == "fp8":
+            problem = fp8_gpu_problem(place, gpus)
+            if problem:
+                raise JobError(problem)
         return gpus
 
     def write_record(self, state: str, **fields) -> None:

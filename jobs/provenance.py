@@ -11,6 +11,8 @@ from typing import Any
 
 from pipeline.checkpoint_info import inspect_checkpoint
 
+from .spec import LATER_GENERATION_DEFAULTS
+
 
 def wurstfabrik_version() -> str:
     try:
@@ -43,5 +45,6 @@ def sample_provenance(params: dict[str, Any], current_job: str) -> dict[str, Any
     """What every sample's metadata carries about the job that made it."""
     sampler = {k: params[k] for k in ("prior_steps", "prior_timesteps", "prior_guidance_scale", "decoder_steps",
                                       "decoder_guidance_scale", "dtype") if k in params}
+    sampler.update({k: params.get(k, default) for k, default in LATER_GENERATION_DEFAULTS.items()})
     return {"job_id": current_job, "wurstfabrik": wurstfabrik_version(), "prior": params["prior_checkpoint"],
             "decoder": params["decoder_checkpoint"], "sampler": sampler}

@@ -56,14 +56,19 @@ GENERATION_FIELDS = (
     "prompt_syntax",
     "long_prompts",
     "resize",
+    "quantize",
 )
 
+# Generation fields added after outputs were made: recorded, and hashed into the job id, only when not at their
+# default, so the ids of outputs made before them stay the same and those outputs still resume.
+LATER_GENERATION_DEFAULTS = {"quantize": "none"}
 SAMPLER_FIELDS = (
     "prior_steps",
     "prior_timesteps",
     "prior_guidance_scale",
     "decoder_steps",
     "decoder_guidance_scale",
+    "quantize",
 )
 
 
@@ -226,6 +231,9 @@ class JobSpec(_Frozen):
     """A folder or `s3://` prefix where compiled kernels are kept, so only the first actor of a stage compiles."""
     offload: Literal["none", "model", "sequential"] = "none"
     """`model` or `sequential`: keep modules in CPU memory while they do not run, for small GPUs; not with `compile`."""
+    quantize: Literal["none", "fp8"] = "none"
+    """`fp8`: Stage C's and Stage B's linear layers in float8 e4m3 with per-row scales (NVIDIA compute capability
+    8.9 or newer, or the CPU); changes the images slightly, so it is a generation parameter."""
 
     output_format: Literal["files", "webdataset", "parquet"] = "files"
     """One image file each (`files`), WebDataset tar shards, or Hugging Face Parquet shards
@@ -330,7 +338,9 @@ class JobSpec(_Frozen):
 
     def generation_params(self) -> dict[str, Any]:
         """The fields that decide image content, as JSON-ready values (tuples become lists)."""
-        return self.model_dump(mode="json", include=set(GENERATION_FIELDS))
+        params = self.model_dump(mode="json", include=set(GENERATION_FIELDS))
+        return {k: v for k, v in params.items()
+                if k not in LATER_GENERATION_DEFAULTS or v != LATER_GENERATION_DEFAULTS[k]}
 
     def sampler_params(self) -> dict[str, Any]:
         """The sampler settings alone, as recorded with each image in the manifest."""

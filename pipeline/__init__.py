@@ -3,6 +3,7 @@
 from .checkpoint import DEFAULT_PRIOR_TEXT, load_component, resolve_checkpoint
 from .checkpoint_info import CheckpointInfo, inspect_checkpoint
 from .errors import CheckpointError
+from .fp8 import QUANTIZE_MODES
 from .geometry import Geometry
 from .noise import decoder_seed
 from .offload import OFFLOAD_MODES
@@ -14,6 +15,7 @@ __all__ = [
     "DEFAULT_PRIOR_TEXT",
     "LONG_PROMPTS",
     "OFFLOAD_MODES",
+    "QUANTIZE_MODES",
     "SYNTAXES",
     "CheckpointError",
     "CheckpointInfo",

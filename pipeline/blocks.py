@@ -98,6 +98,8 @@ class Attention(nn.Module):
         self.register_state_dict_post_hook(_split_qkv)
 
     def key_value(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(self.to_qkv, nn.Linear):  # a quantized projection (pipeline.fp8): all of it, once a run
+            return self.to_qkv(tokens)[..., self.inner:].chunk(2, dim=-1)
         w = self.to_qkv.weight[self.inner:]
         b = self.to_qkv.bias[self.inner:]
         return F.linear(tokens, w, b).chunk(2, dim=-1)

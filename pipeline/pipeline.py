@@ -19,6 +19,7 @@ from .checkpoint import (
 )
 from .compiled import Denoiser, compile_options, use_channels_last
 from .conditioning import ConditionGroup, group_conditions
+from .fp8 import check_fp8_device, check_quantize, quantize_linears
 from .geometry import Geometry
 from .noise import ImageNoise, decoder_seed
 from .offload import Offloader, check_offload
@@ -49,9 +50,20 @@ def _text_encoder(folder: Path, device: torch.device, dtype: torch.dtype, offloa
     return text
 
 
-def _component(folder: Path, kind: str, device: torch.device, dtype: torch.dtype, offload: Offloader):
-    """A stage's module, loaded straight to the device, or to the CPU for the offloader to manage."""
-    return offload.manage(load_component(folder, device if offload.mode == "none" else "cpu", dtype, kind=kind))
+def _component(folder: Path, kind: str, device: torch.device, dtype: torch.dtype, offload: Offloader,
+               quantize: str = "none"):
+    """A stage's module, loaded straight to the device, or to the CPU for the offloader to manage; with
+    quantize="fp8", its linear layers in float8 (pipeline.fp8), once the checkpoint's layout hooks have run."""
+    module = load_component(folder, device if offload.mode == "none" else "cpu", dtype, kind=kind)
+    if quantize == "fp8":
+        quantize_linears(module)
+    return offload.manage(module)
+
+
+def _check_quantize(quantize: str, device: torch.device) -> str:
+    if check_quantize(quantize) == "fp8":
+        check_fp8_device(device)
+    return quantize
 
 
 def _repeat(items: list, times: int) -> list:
@@ -102,10 +114,12 @@ class PriorPipeline:
     @classmethod
     def from_pretrained(cls, checkpoint, device=None, dtype=None, compile=False, prior_text=DEFAULT_PRIOR_TEXT,
                         revision: str | None = None, prior_text_revision: str | None = None,
-                        offload: str = "none") -> "PriorPipeline":
+                        offload: str = "none", quantize: str = "none") -> "PriorPipeline":
         """A prior pipeline folder or hub id, or a model-only prior whose text encoder, tokenizer and
-        model_index.json values come from the prior pipeline `prior_text`. Revisions apply to hub ids."""
+        model_index.json values come from the prior pipeline `prior_text`. Revisions apply to hub ids.
+        quantize="fp8" runs Stage C's linear layers in float8 (pipeline.fp8)."""
         device, dtype = _device_and_dtype(device, dtype)
+        quantize = _check_quantize(quantize, device)
         offloader = _offloader(offload, compile, device)
         folder = resolve_checkpoint(checkpoint, "prior", prefer_half=dtype != torch.float32, revision=revision)
         if check_folder_kind(folder, "prior") == "prior_model":
@@ -116,7 +130,7 @@ class PriorPipeline:
         else:
             index, text_folder, model_folder = pipeline_folder(folder, "prior"), folder, folder / "prior"
         text = _text_encoder(text_folder, device, dtype, offloader)
-        pipe = cls(_component(model_folder, "prior", device, dtype, offloader), text,
+        pipe = cls(_component(model_folder, "prior", device, dtype, offloader, quantize), text,
                    latent_mean=float(index.get("latent_mean", 42.0)), latent_std=float(index.get("latent_std", 1.0)),
                    resolution_multiple=float(index.get("resolution_multiple", 42.67)), offload=offloader)
         return pipe.compile(compile)
@@ -196,14 +210,16 @@ class DecoderPipeline:
 
     @classmethod
     def from_pretrained(cls, checkpoint, device=None, dtype=None, compile=False, revision: str | None = None,
-                        offload: str = "none") -> "DecoderPipeline":
+                        offload: str = "none", quantize: str = "none") -> "DecoderPipeline":
+        """quantize="fp8" runs Stage B's linear layers in float8 (pipeline.fp8); Stage A stays as it is."""
         device, dtype = _device_and_dtype(device, dtype)
+        quantize = _check_quantize(quantize, device)
         offloader = _offloader(offload, compile, device)
         folder = resolve_checkpoint(checkpoint, "decoder", prefer_half=dtype != torch.float32, revision=revision)
         check_folder_kind(folder, "decoder")
         index = pipeline_folder(folder, "decoder")
         text = _text_encoder(folder, device, dtype, offloader)
-        pipe = cls(_component(folder / "decoder", "decoder", device, dtype, offloader),
+        pipe = cls(_component(folder / "decoder", "decoder", device, dtype, offloader, quantize),
                    _component(folder / "vqgan", "vqgan", device, dtype, offloader), text,
                    latent_dim_scale=float(index.get("latent_dim_scale", 10.67)), offload=offloader)
         return pipe.compile(compile)
@@ -314,12 +330,13 @@ class WuerstchenPipeline:
     def from_pretrained(cls, prior: str | Path = "warp-ai/wuerstchen-prior", decoder: str | Path = "warp-ai/wuerstchen",
                         device=None, dtype=None, compile=False, prior_text=DEFAULT_PRIOR_TEXT,
                         prior_revision: str | None = None, decoder_revision: str | None = None,
-                        prior_text_revision: str | None = None, offload: str = "none") -> "WuerstchenPipeline":
+                        prior_text_revision: str | None = None, offload: str = "none",
+                        quantize: str = "none") -> "WuerstchenPipeline":
         return cls(PriorPipeline.from_pretrained(prior, device, dtype, compile=compile, prior_text=prior_text,
                                                  revision=prior_revision, prior_text_revision=prior_text_revision,
-                                                 offload=offload),
+                                                 offload=offload, quantize=quantize),
                    DecoderPipeline.from_pretrained(decoder, device, dtype, compile=compile, revision=decoder_revision,
-                                                   offload=offload))
+                                                   offload=offload, quantize=quantize))
 
     def compile(self, options=True) -> "WuerstchenPipeline":
         self.prior.compile(options)

@@ -303,4 +303,5 @@ def test_sampler_params():
         "prior_guidance_scale": 4.0,
         "decoder_steps": 12,
         "decoder_guidance_scale": 0.0,
+        "quantize": "none",
     }

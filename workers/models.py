@@ -32,7 +32,8 @@ class StageModels:
         cache = StageCompileCache(spec.compile_cache if compile_it else None, "prior", self.storage)
         pipe = PriorPipeline.from_pretrained(spec.prior, dtype=spec.dtype, compile=compile_it,
                                              prior_text=spec.prior_text, revision=self.prior_revision,
-                                             prior_text_revision=self.prior_text_revision, offload=spec.offload)
+                                             prior_text_revision=self.prior_text_revision, offload=spec.offload,
+                                             quantize=spec.quantize)
         pipe.geometry = self.geometry  # the decoder's: the prior makes latents of a size the decoder can decode
         return pipe, cache
 
@@ -40,7 +41,8 @@ class StageModels:
         compile_it = _compile(spec)
         cache = StageCompileCache(spec.compile_cache if compile_it else None, "decoder", self.storage)
         pipe = DecoderPipeline.from_pretrained(spec.decoder, dtype=spec.dtype, compile=compile_it,
-                                               revision=self.decoder_revision, offload=spec.offload)
+                                               revision=self.decoder_revision, offload=spec.offload,
+                                               quantize=spec.quantize)
         return pipe, cache
 
 
