@@ -459,7 +459,8 @@ def test_ray_job_submit_with_token_authentication_as_the_readme_says(token_head,
     pq.write_table(pa.table({"prompt": README_PROMPTS}), checkout / "demo" / "prompts.parquet")  # a short run
     env = token_head.env
     entrypoint = f"cd {checkout} && wurstfabrik run examples/job-local.yaml --no-progress"
-    submit = ["ray", "job", "submit", "--address", token_head.address, "--", "bash", "-c", entrypoint]
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", token_head.address, "--", "bash",
+              "-c", entrypoint]
     anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
     refused = subprocess.run(submit, env=anonymous, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()

@@ -103,7 +103,7 @@ def two_runs(tmp_path_factory, tiny_checkpoints, _ray_session, s3_server) -> Two
                    read_runs(open_output(str(out))), (code, printed.getvalue()))
 
 
-def test_rerun_generates_nothing_and_changed_params_are_refused(two_runs, capsys):
+def test_rerun_generates_nothing_and_changed_params_are_refused(two_runs, ray_local, capsys):
     again, out = two_runs.again, two_runs.folder / "out"
     assert again.summary["generated_now"] == 0 and again.summary["status"]["ok"] == 3
     assert two_runs.parts[1] == two_runs.parts[0]
