@@ -1,11 +1,9 @@
 """Jobs on multi-node Ray clusters: stage placement by custom resources, a node lost mid-job, a writer pool that
-grows with the cluster, and `ray job submit` with token authentication as the README does it."""
+grows with the cluster. Each starts Ray clusters of its own, so all are marked slow (.ci/run runs them). `ray job
+submit` with token authentication as the README does it is in test_deploy.py, on the head its tests share."""
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import ray_head
 from ray.cluster_utils import Cluster
 
 from jobs.driver import run_job
@@ -23,7 +20,8 @@ from store.manifest import latest_status, read_manifest
 from store.storage import open_output
 from workers.faults import FAULTS_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen", "an astronaut riding a horse"]
 
 
@@ -131,32 +129,3 @@ def test_the_writer_pool_grows_with_the_cluster(_ray_session, tiny_checkpoints, 
     spans = [tuple(map(float, p.read_text().split()[1:])) for p in log.iterdir()]
     most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert most > 2, f"at most {most} encoder tasks ran at once"
-
-
-def test_ray_job_submit_with_token_authentication_as_the_readme_says(tmp_path):
-    """The README's steps for a Ray started by hand: a token, `ray start --head`, and `ray job submit` of the local
-    example from the repository root, all with RAY_AUTH_MODE=token; a client without it is turned away."""
-    from jobs.cli import write_demo_inputs
-
-    checkout = tmp_path / "checkout"
-    (checkout / "examples").mkdir(parents=True)
-    (checkout / "examples" / "job-local.yaml").write_text((ROOT / "examples" / "job-local.yaml").read_text())
-    write_demo_inputs(checkout / "demo")
-    pq.write_table(pa.table({"prompt": PROMPTS[:3]}), checkout / "demo" / "prompts.parquet")  # a short run
-    bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update(HOME=str(tmp_path / "home"), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")  # a user with no token yet
-    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    assert (tmp_path / "home" / ".ray" / "auth_token").is_file()
-    env["RAY_AUTH_MODE"] = "token"
-    entrypoint = f"cd {checkout} && wurstfabrik run examples/job-local.yaml --no-progress"
-    with ray_head(env, num_cpus=2) as address:
-        submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--", "bash", "-c", entrypoint]
-        anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-        refused = subprocess.run(submit, env=anonymous, capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "3 ok, 0 failed, 0 missing of 3 images" in done.stdout
-    rows = latest_status(read_manifest(open_output(str(checkout / "demo" / "output-local")))).values()
-    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)

@@ -1,5 +1,6 @@
 """Tests for deploy/: the KubeRay manifests pass KubeRay's own CRD schemas and agree with the job spec, the CLI, the
-image and the README they go with; deploy/ray_submit.py hands a scheduler the job's own exit code."""
+image and the README they go with; deploy/ray_submit.py hands a scheduler the job's own exit code; `ray job submit`
+with token authentication as the README does it. The tests that need a Ray head share one."""
 
 import copy
 import fnmatch
@@ -7,20 +8,24 @@ import functools
 import json
 import os
 import re
-import secrets
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import free_port, ray_head
 
 from jobs.spec import JobSpec
+from store.manifest import latest_status, read_manifest
+from store.storage import open_output
 
 try:
     import tomllib
@@ -39,6 +44,7 @@ GPU_KEY = "nvidia.com/gpu"
 # KubeRay's limits (ray-operator/controllers/ray/utils/constant.go): the names it derives must stay valid.
 MAX_NAME = {"RayJob": 47, "RayCronJob": 36}
 MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)
+README_PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen"]
 
 
 def kuberay_reference() -> Path:
@@ -412,18 +418,57 @@ def test_the_cron_job_runs_nightly_and_ends_each_run_before_the_next(manifests):
     assert cron["jobTemplate"]["activeDeadlineSeconds"] < 24 * 3600
 
 
-# --- deploy/ray_submit.py against a real head with token authentication --------------------------------------------
+# --- `ray job submit` and deploy/ray_submit.py against a real head with token authentication ---------------------
+
+
+@dataclass
+class TokenHead:
+    address: str
+    home: Path  # the HOME whose ~/.ray/auth_token the head and the README's clients read
+    env: dict[str, str]  # a README user's shell: RAY_AUTH_MODE=token, the token from HOME
+    token_env: dict[str, str]  # a KubeRay submitter's: the same token in RAY_AUTH_TOKEN, the user's own HOME
 
 
 @pytest.fixture(scope="module")
-def token_head():
-    """A `ray start --head` with token authentication, and the environment a client needs for it."""
+def token_head(tmp_path_factory):
+    """One `ray start --head` with token authentication for every test of this module, set up as the README says: a
+    token generated into a fresh HOME, then the head started with RAY_AUTH_MODE=token."""
+    home = tmp_path_factory.mktemp("home")
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env.pop("RAY_ADDRESS", None)
-    with ray_head(env, num_cpus=1) as address:
-        yield address, env
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")  # a user with no token yet
+    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    env["RAY_AUTH_MODE"] = "token"
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    token_env = {**env, "HOME": os.environ.get("HOME", str(home)), "RAY_AUTH_TOKEN": token}
+    with ray_head(env, num_cpus=2) as address:
+        yield TokenHead(address, home, env, token_env)
+
+
+def test_ray_job_submit_with_token_authentication_as_the_readme_says(token_head, tmp_path):
+    """The README's steps for a Ray started by hand: a token, `ray start --head` (the fixture), and `ray job submit`
+    of the local example from the repository root, all with RAY_AUTH_MODE=token; a client without it is turned
+    away."""
+    from jobs.cli import write_demo_inputs
+
+    assert (token_head.home / ".ray" / "auth_token").is_file()
+    checkout = tmp_path / "checkout"
+    (checkout / "examples").mkdir(parents=True)
+    (checkout / "examples" / "job-local.yaml").write_text((ROOT / "examples" / "job-local.yaml").read_text())
+    write_demo_inputs(checkout / "demo")
+    pq.write_table(pa.table({"prompt": README_PROMPTS}), checkout / "demo" / "prompts.parquet")  # a short run
+    env = token_head.env
+    entrypoint = f"cd {checkout} && wurstfabrik run examples/job-local.yaml --no-progress"
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", token_head.address, "--", "bash",
+              "-c", entrypoint]
+    anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    refused = subprocess.run(submit, env=anonymous, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "3 ok, 0 failed, 0 missing of 3 images" in done.stdout
+    rows = latest_status(read_manifest(open_output(str(checkout / "demo" / "output-local")))).values()
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
 
 
 def ray_submit(address: str, env: dict, *entrypoint: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -432,7 +477,7 @@ def ray_submit(address: str, env: dict, *entrypoint: str, timeout: float = 180) 
 
 
 def test_ray_job_submit_alone_reports_every_failure_as_1(token_head):
-    address, env = token_head
+    address, env = token_head.address, token_head.token_env
     plain = subprocess.run(["ray", "job", "submit", "--address", address, "--", "python", "-c", "exit(3)"],
                            env=env, capture_output=True, text=True, timeout=180)
     assert plain.returncode == 1, plain.stdout[-2000:] + plain.stderr[-2000:]
@@ -444,7 +489,7 @@ def test_ray_job_submit_alone_reports_every_failure_as_1(token_head):
     (["python", "-c", "exit(3)"], 3),
 ], ids=["ok", "cli-spec-error", "exit-3"])
 def test_ray_submit_exits_with_the_entrypoints_code(token_head, entrypoint, code):
-    address, env = token_head
+    address, env = token_head.address, token_head.token_env
     result = ray_submit(address, env, *entrypoint)
     assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"exit code {code}" in result.stderr
@@ -458,7 +503,7 @@ def job_status(address: str, env: dict, submission_id: str) -> str:
 
 @pytest.mark.parametrize("when", ["running", "submitting"])
 def test_ray_submit_stops_the_job_when_it_is_terminated(token_head, when):
-    address, env = token_head
+    address, env = token_head.address, token_head.token_env
     process = subprocess.Popen(
         [sys.executable, str(DEPLOY / "ray_submit.py"), "--address", address, "--", "sleep", "300"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

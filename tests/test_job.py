@@ -1,20 +1,26 @@
-"""End-to-end jobs on a real local Ray: local and S3 outputs, resume, faults and bad input."""
+"""End-to-end jobs on a real local Ray: local and S3 outputs, reruns and run records, resume, faults and bad
+input."""
 
 import hashlib
 import io
 import json
 import os
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import shared_ray
 from job_helpers import PROMPTS, image_files, kill_driver_after_parts, make_spec, ok_rows, spec_file, write_prompts
 from PIL import Image
 
 from jobs.cli import main
-from jobs.driver import run_job
+from jobs.driver import JobResult, run_job
+from jobs.spec import JobSpec
 from pipeline import WuerstchenPipeline
 from store.ids import image_key
 from store.manifest import latest_status, read_manifest
@@ -60,25 +66,69 @@ def test_local_job_writes_every_image_once_and_matches_the_bare_pipeline(ray_loc
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-def test_rerun_generates_nothing_and_changed_params_are_refused(ray_local, tiny_checkpoints, tmp_path, capsys):
-    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS[:3])
-    out = tmp_path / "out"
-    spec = make_spec(tiny_checkpoints, prompts, out)
-    run_job(spec, progress=False)
-    parts = sorted(p.name for p in (out / "manifest").iterdir())
-    mtimes = {p: (out / p).stat().st_mtime_ns for p in image_files(out)}
+@dataclass
+class TwoRuns:
+    """One output run twice with the same spec, as it stood after each run."""
 
+    spec: JobSpec
+    folder: Path
+    first: JobResult
+    again: JobResult
+    parts: tuple[list[str], list[str]]  # the manifest folder's files after the first run and after the second
+    mtimes: tuple[dict, dict]  # each image file's mtime after the first run and after the second
+    runs: list[dict]  # the run records after both
+    status: tuple[int, str]  # `wurstfabrik status` after both: exit code and what it printed
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_checkpoints, _ray_session, s3_server) -> TwoRuns:
+    """The tests of a rerun and of run records check different things of the same two runs, made once."""
+    shared_ray(s3_server)
+    folder = tmp_path_factory.mktemp("two-runs")
+    out = folder / "out"
+    spec = make_spec(tiny_checkpoints, write_prompts(folder / "prompts.parquet", PROMPTS[:3]), out)
+
+    def manifest_and_images():
+        return (sorted(p.name for p in (out / "manifest").iterdir()),
+                {p: (out / p).stat().st_mtime_ns for p in image_files(out)})
+
+    first = run_job(spec, progress=False)
+    after_first = manifest_and_images()
     again = run_job(spec, progress=False)
-    assert again.summary["generated_now"] == 0 and again.summary["status"]["ok"] == 3
-    assert sorted(p.name for p in (out / "manifest").iterdir()) == parts
-    assert {p: (out / p).stat().st_mtime_ns for p in image_files(out)} == mtimes
+    after_again = manifest_and_images()
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        code = main(["status", str(out)])
+    return TwoRuns(spec, folder, first, again, (after_first[0], after_again[0]), (after_first[1], after_again[1]),
+                   read_runs(open_output(str(out))), (code, printed.getvalue()))
 
-    (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
-    assert main(["run", str(tmp_path / "job.yaml"), "--set", "seed=7", "--no-progress"]) == 2
+
+def test_rerun_generates_nothing_and_changed_params_are_refused(two_runs, ray_local, capsys):
+    again, out = two_runs.again, two_runs.folder / "out"
+    assert again.summary["generated_now"] == 0 and again.summary["status"]["ok"] == 3
+    assert two_runs.parts[1] == two_runs.parts[0]
+    assert two_runs.mtimes[1] == two_runs.mtimes[0]
+
+    job = spec_file(two_runs.spec, two_runs.folder / "job.yaml")
+    assert main(["run", str(job), "--set", "seed=7", "--no-progress"]) == 2
     assert "other generation parameters (changed: seed)" in capsys.readouterr().err
-    assert main(["run", str(tmp_path / "job.yaml"), "--set", "seed=7", "--no-progress", "--force"]) == 0
+    assert main(["run", str(job), "--set", "seed=7", "--no-progress", "--force"]) == 0
     assert main(["status", str(out)]) == 0
     assert "3 ok, 0 failed, 0 missing of 3 images" in capsys.readouterr().out
+
+
+def test_run_records_tell_each_runs_story(two_runs):
+    out = two_runs.folder / "out"
+    assert two_runs.first.exit_code == two_runs.again.exit_code == 0
+    runs = two_runs.runs
+    assert [r["state"] for r in runs] == ["finished", "finished"]
+    assert runs[0]["planned"] == {"total_images": 3, "done_before": 0, "to_generate": 3, "bad_input": 0}
+    assert runs[0]["generated"] == 3 and runs[0]["exit_code"] == 0 and runs[0]["spec"]["output"] == str(out)
+    assert runs[1]["planned"]["to_generate"] == 0 and runs[1]["generated"] == 0  # it says it had nothing to do
+    assert {"host", "pid", "started", "finished", "elapsed_s", "job_id", "ray_job"} <= set(runs[1])
+    code, shown = two_runs.status
+    assert code == 0
+    assert "3 ok, 0 failed, 0 missing of 3 images" in shown and shown.count(": finished") == 2
 
 
 def test_s3_job(ray_local, tiny_checkpoints, tmp_path, s3_env, s3_bucket):

@@ -1,10 +1,11 @@
 """Checkpoints at the published architecture sizes, written by diffusers' own pipelines in the published layout,
 load strictly into our stages and compute what diffusers' modules compute.
 
-Stage C and Stage B have about a billion parameters each, so this is the slow test of the suite (about a minute
-on two cores): the reference modules are built on the meta device and filled with random weights (their own
-initialisation of Stage B takes minutes), saved as the fp16 variant, and freed before ours are loaded. Only the
-text encoders are small: two layers, with the published hidden widths (1280 for the prior, 1024 for the decoder).
+Stage C and Stage B have about a billion parameters each, so this is the slow test of the suite (a minute or more
+on two cores; marked slow: .ci/run runs it, a bare `pytest` does not): the reference modules are built on the meta
+device and filled with random weights (their own initialisation of Stage B takes minutes), saved as the fp16
+variant, and freed before ours are loaded. Only the text encoders are small: two layers, with the published hidden
+widths (1280 for the prior, 1024 for the decoder).
 """
 
 import gc
@@ -32,6 +33,8 @@ from pipeline.tiny import write_tiny_checkpoints
 from pipeline.vqgan import StageA
 
 torch.set_num_threads(1)
+
+pytestmark = pytest.mark.slow
 
 PRIOR_SIZES = dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24)
 DECODER_SIZES = dict(c_cond=1024, clip_embd=1024)  # the rest are WuerstchenDiffNeXt's defaults, as published

@@ -1,5 +1,6 @@
 """Runs nobody watches: the output's lease, S3 outages and throttling, preflight refusals, placements that can
-never be scheduled, stalls, signals, run records, and a healthy run's quiet output."""
+never be scheduled, stalls, signals, run records, and a healthy run's quiet output. (The records of a run and
+its rerun are checked in test_job.py, on the same two runs as the rerun's test.)"""
 
 import json
 import os
@@ -63,23 +64,6 @@ def test_a_held_output_refuses_a_second_run_and_a_stale_lease_is_taken_over(ray_
     (record,) = read_runs(output)
     assert record["took_over_lease_from"]["run_id"] == "nightly-1"
     assert read_holder(output).released and read_holder(output).run_id == record["run_id"]
-
-
-def test_run_records_tell_each_runs_story(ray_local, tiny_checkpoints, tmp_path, capsys):
-    out = tmp_path / "out"
-    spec = make_spec(tiny_checkpoints, write_prompts(tmp_path / "p.parquet", PROMPTS[:3]), out)
-    first = run_job(spec, progress=False)
-    again = run_job(spec, progress=False)
-    assert first.exit_code == again.exit_code == 0
-    runs = read_runs(open_output(str(out)))
-    assert [r["state"] for r in runs] == ["finished", "finished"]
-    assert runs[0]["planned"] == {"total_images": 3, "done_before": 0, "to_generate": 3, "bad_input": 0}
-    assert runs[0]["generated"] == 3 and runs[0]["exit_code"] == 0 and runs[0]["spec"]["output"] == str(out)
-    assert runs[1]["planned"]["to_generate"] == 0 and runs[1]["generated"] == 0  # it says it had nothing to do
-    assert {"host", "pid", "started", "finished", "elapsed_s", "job_id", "ray_job"} <= set(runs[1])
-    assert main(["status", str(out)]) == 0
-    shown = capsys.readouterr().out
-    assert "3 ok, 0 failed, 0 missing of 3 images" in shown and shown.count(": finished") == 2
 
 
 def test_preflight_problems_are_one_line_and_leave_nothing(tiny_checkpoints, tmp_path, capsys, monkeypatch):
