@@ -1,8 +1,11 @@
 """The `wurstfabrik` command: run a job spec, report an output's status, preview it, or run the offline demo.
 
-Exit codes (for schedulers): 0 every image done; 1 images failed or missing, or the run stopped (a rerun makes
-them); 2 a spec, input, storage or checkpoint problem, nothing written; 3 another run holds the output's lease;
-128 + N when stopped by signal N (130 SIGINT, 143 SIGTERM).
+Exit codes (for schedulers, jobs.exit_codes): 0 every image recorded ok (a failed manifest merge or record write
+is a warning); 1 a rerun can finish: images failed or missing, the run stopped (stall, lost lease), storage
+unreachable or throttling; 2 a rerun alone cannot: a spec, input, checkpoint or placement problem, or storage that
+refuses (credentials, access denied, missing bucket, a damaged or mismatching object), named in one line with what
+to do; 3 another run holds the output's lease (refused before torch or Ray is imported); 128 + N when stopped by
+signal N (130 SIGINT, 143 SIGTERM). `wurstfabrik status` exits 0, 1 or 2 the same way.
 """
 
 import argparse
@@ -11,19 +14,21 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.errors import CheckpointError
 from store.ids import InputError
 from store.lease import LeaseHeld
 from store.manifest import ManifestError
 from store.storage import StorageError
 
+from .claim import claim_output
+from .exit_codes import EXIT_INCOMPLETE, EXIT_LEASED, EXIT_REFUSED, help_table, storage_exit
 from .preview import NothingToPreview, write_preview
 from .quiet import filtered_stderr
 from .spec import JobSpec, SpecError, load_spec
 from .status import NoJob, status_report
+from .supervisor import RunStopped
 
-USER_ERRORS = (SpecError, InputError, StorageError, CheckpointError, ManifestError, NoJob, NothingToPreview)
-EXIT_REFUSED, EXIT_LEASED = 2, 3
+# CheckpointError (pipeline/, which imports torch) is caught in run(), once the lease is taken.
+USER_ERRORS = (SpecError, InputError, StorageError, ManifestError, NoJob, NothingToPreview)
 DEMO_SUBJECTS = ("a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sausage stand", "a sailing boat")
 DEMO_STYLES = ("watercolor", "oil painting", "photo at dusk", "pixel art", "pencil sketch", "isometric render")
 
@@ -36,19 +41,31 @@ def print_summary(summary: dict) -> None:
 
 
 def run(spec: JobSpec, force: bool, progress: bool) -> int:
-    from .driver import JobError, run_job  # imports Ray and torch: only when a job runs
-
     try:
-        result = run_job(spec, force=force, progress=progress)
-    except JobError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+        with claim_output(spec) as claim:
+            # Imported once the output is ours: a run refused by the lease never loads torch or Ray.
+            from pipeline.errors import CheckpointError
+
+            from .driver import JobError, run_claimed
+
+            try:
+                result = run_claimed(claim, force=force, progress=progress)
+            except (JobError, CheckpointError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_REFUSED
     except LeaseHeld as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_LEASED
+    except RunStopped as e:  # before any work began
+        print(f"error: {e.reason} before the run began; run again", file=sys.stderr)
+        return e.exit_code
     print_summary(result.summary)
-    if result.message:
+    if result.message and result.exit_code == EXIT_REFUSED:
+        print(f"error: {result.message}; a rerun alone cannot fix this", file=sys.stderr)
+    elif result.message and result.exit_code != 0:
         print(f"error: {result.message}; run again to finish", file=sys.stderr)
+    elif result.exit_code == EXIT_INCOMPLETE:
+        print("error: images failed or are missing; run again to make them", file=sys.stderr)
     elif result.summary.get("bad_input"):
         print(f"note: {result.summary['bad_input']} image(s) of bad input rows were skipped; "
               f"`wurstfabrik status {spec.output}` lists them", file=sys.stderr)
@@ -97,8 +114,8 @@ def demo(folder: Path, overrides: list[str], progress: bool) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wurstfabrik", description="Batch image generation with Würstchen on Ray.",
-                                epilog="exit codes: 0 done; 1 images failed, missing or stopped (rerun); 2 bad "
-                                       "spec/input/storage/checkpoint; 3 output leased by another run")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=help_table())
     sub = p.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="generate the images of a job spec (YAML)")
     run_p.add_argument("spec", help="job spec, a YAML file")
@@ -157,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             return preview(args.output, args.n, args.to)
         with filtered_stderr():
             return demo(args.dir, args.overrides, not args.no_progress)
+    except StorageError as e:
+        code = storage_exit(e.transient)
+        again = "run again once storage answers" if code == EXIT_INCOMPLETE else "a rerun alone cannot fix this"
+        print(f"error: {e}; {again}", file=sys.stderr)
+        return code
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
