@@ -20,7 +20,7 @@ from store.manifest import ManifestError
 from store.storage import StorageError
 
 from .claim import claim_output
-from .exit_codes import EXIT_INCOMPLETE, EXIT_LEASED, EXIT_REFUSED, help_table, storage_exit
+from .exit_codes import EXIT_INCOMPLETE, EXIT_LEASED, EXIT_REFUSED, help_table
 from .preview import NothingToPreview, write_preview
 from .quiet import filtered_stderr
 from .spec import JobSpec, SpecError, load_spec
@@ -29,6 +29,7 @@ from .supervisor import RunStopped
 
 # CheckpointError (pipeline/, which imports torch) is caught in run(), once the lease is taken.
 USER_ERRORS = (SpecError, InputError, StorageError, ManifestError, NoJob, NothingToPreview)
+FIX_FIRST = "a rerun alone cannot fix this"
 DEMO_SUBJECTS = ("a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sausage stand", "a sailing boat")
 DEMO_STYLES = ("watercolor", "oil painting", "photo at dusk", "pixel art", "pencil sketch", "isometric render")
 
@@ -61,7 +62,7 @@ def run(spec: JobSpec, force: bool, progress: bool) -> int:
         return e.exit_code
     print_summary(result.summary)
     if result.message and result.exit_code == EXIT_REFUSED:
-        print(f"error: {result.message}; a rerun alone cannot fix this", file=sys.stderr)
+        print(f"error: {result.message}; {FIX_FIRST}", file=sys.stderr)
     elif result.message and result.exit_code != 0:
         print(f"error: {result.message}; run again to finish", file=sys.stderr)
     elif result.exit_code == EXIT_INCOMPLETE:
@@ -174,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             return preview(args.output, args.n, args.to)
         with filtered_stderr():
             return demo(args.dir, args.overrides, not args.no_progress)
-    except StorageError as e:
-        code = storage_exit(e.transient)
-        again = "run again once storage answers" if code == EXIT_INCOMPLETE else "a rerun alone cannot fix this"
-        print(f"error: {e}; {again}", file=sys.stderr)
-        return code
+    except (StorageError, ManifestError) as e:
+        if isinstance(e, StorageError) and e.transient:
+            print(f"error: {e}; run again once storage answers", file=sys.stderr)
+            return EXIT_INCOMPLETE
+        advice = "restore or remove that object; " if isinstance(e, ManifestError) else ""
+        print(f"error: {e}; {advice}{FIX_FIRST}", file=sys.stderr)
+        return EXIT_REFUSED
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED

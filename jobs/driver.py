@@ -320,7 +320,8 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
     except StorageError as e:
         return _finish(run, plan, current_job, f"storage failed: {e}", storage_exit(e.transient))
     except ManifestError as e:  # a damaged manifest object: every rerun would read it again
-        return _finish(run, plan, current_job, f"the manifest cannot be read: {e}", EXIT_REFUSED)
+        return _finish(run, plan, current_job, f"the manifest cannot be read: {e}; restore or remove that object",
+                       EXIT_REFUSED)
     except ray.exceptions.RayError as e:
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         log.debug("the dataflow failed", exc_info=True)

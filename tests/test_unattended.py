@@ -82,7 +82,8 @@ def test_run_records_tell_each_runs_story(ray_local, tiny_checkpoints, tmp_path,
     assert "3 ok, 0 failed, 0 missing of 3 images" in shown and shown.count(": finished") == 2
 
 
-def test_preflight_problems_are_one_line_and_leave_nothing(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+def test_preflight_problems_are_one_line_and_leave_only_a_released_lease(tiny_checkpoints, tmp_path, capsys,
+                                                                         monkeypatch):
     prior, decoder = tiny_checkpoints
     prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:1])
     no_weights = tmp_path / "no-weights"
@@ -107,7 +108,9 @@ def test_preflight_problems_are_one_line_and_leave_nothing(tiny_checkpoints, tmp
         assert run_cli(spec, tmp_path) == 2, fields
         lines = error_lines(capsys.readouterr().err)
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0].lower(), (fields, lines)
-        assert not out.exists(), fields  # nothing written, not even the folder
+        # The lease is taken before these checks, and given back: nothing else is written.
+        output = open_output(str(out))
+        assert output.list() == ["lease.json"] and read_holder(output).released, fields
 
 
 def test_a_placement_that_can_never_be_scheduled_is_refused(ray_local, tiny_checkpoints, tmp_path, capsys):
