@@ -97,66 +97,53 @@ def test_status_exits_0_1_or_2_as_run_does(s3_env, s3_bucket, capsys):
     assert "bucket 'no-such-bucket-here' does not exist; create it or correct the URI" in line
 
 
-def s3_job(env: dict, tiny_checkpoints, tmp_path, bucket: str, monkeypatch, **fields):
-    set_environment(monkeypatch, env)
-    start_local_ray({k: v for k, v in env.items() if v is not None})
-    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS)
-    return make_spec(tiny_checkpoints, prompts, f"s3://{bucket}/out", output_format="webdataset", shard_size=2,
-                     placement={"prior_batch_size": 2, "decoder_batch_size": 2}, **fields)
-
-
-def test_a_run_whose_every_image_is_ok_exits_0_though_later_writes_failed(s3_server, s3_bucket, tiny_checkpoints,
-                                                                          tmp_path, monkeypatch, capsys):
+def test_refused_writes_mid_run_exit_2_and_once_fixed_the_rerun_exits_0_though_record_writes_fail(
+        s3_server, s3_bucket, tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    """Two runs through one proxy (one Ray start): the first meets a policy that denies writing shards; the second
+    finishes every image, while run records, the summary and the final shard listing are denied."""
     parts = []
 
-    def refuse(method: str, path: str) -> bool:
+    def deny_shards(method: str, path: str) -> bool:
+        return method == "PUT" and "/out/shards/" in unquote(path)
+
+    def deny_records(method: str, path: str) -> bool:
         path = unquote(path)
         if method == "PUT" and "/out/manifest/part-" in path:
             parts.append(path)
         if method == "PUT" and ("/out/runs/" in path or path.endswith("/out/manifest/summary.json")):
-            return True  # every run record and the summary
+            return True
         # The shard listing after the last image is recorded (the clean-up of orphan shards).
         return method == "GET" and "prefix=out/shards/" in path and len(parts) == 3
 
-    proxy = FaultProxy(s3_server.endpoint, share=0.0, refuse=refuse).start()
+    proxy = FaultProxy(s3_server.endpoint, share=0.0, refuse=deny_shards).start()
     try:
-        spec = s3_job(s3_environment(s3_server, proxy.endpoint), tiny_checkpoints, tmp_path, s3_bucket,
-                      monkeypatch)
+        set_environment(monkeypatch, s3_environment(s3_server, proxy.endpoint))
+        start_local_ray({k: v for k, v in s3_environment(s3_server, proxy.endpoint).items() if v is not None})
+        prompts = write_prompts(tmp_path / "p.parquet", PROMPTS)
+        spec = make_spec(tiny_checkpoints, prompts, f"s3://{s3_bucket}/out", output_format="webdataset",
+                         shard_size=2, placement={"prior_batch_size": 2, "decoder_batch_size": 2})
         try:
-            code = run_cli(spec, tmp_path)
+            refused = run_cli(spec, tmp_path)
+            refused_err = capsys.readouterr().err
+            proxy.refuse = deny_records
+            done = run_cli(spec, tmp_path)
+            done_err = capsys.readouterr().err
         finally:
             ray.shutdown()
     finally:
         proxy.stop()
-    err = capsys.readouterr().err
-    assert code == 0, err[-3000:]
-    assert "could not write the run record" in err and "could not write the summary" in err
-    assert re.search(r"every image is recorded ok, though storage failed: s3://\S+/out: access denied", err)
-    assert "run again" not in err and "Traceback" not in err
-    set_environment(monkeypatch, s3_environment(s3_server))
-    keys = ok_keys_once(open_output(spec.output))
-    assert len(keys) == len(set(keys)) == len(PROMPTS)
-
-
-def test_storage_that_refuses_mid_run_exits_2_not_1(s3_server, s3_bucket, tiny_checkpoints, tmp_path, monkeypatch,
-                                                     capsys):
-    proxy = FaultProxy(s3_server.endpoint, share=0.0,
-                       refuse=lambda method, path: method == "PUT" and "/out/shards/" in unquote(path)).start()
-    try:
-        spec = s3_job(s3_environment(s3_server, proxy.endpoint), tiny_checkpoints, tmp_path, s3_bucket,
-                      monkeypatch)
-        try:
-            code = run_cli(spec, tmp_path)
-        finally:
-            ray.shutdown()
-    finally:
-        proxy.stop()
-    err = capsys.readouterr().err
-    assert code == 2, err[-3000:]
-    errors = [line for line in said(err) if line.startswith("error: ")]
+    assert refused == 2, refused_err[-3000:]
+    errors = [line for line in said(refused_err) if line.startswith("error: ")]
     assert len(errors) == 1 and "storage failed: s3://" in errors[0] and "/out/shards/" in errors[0]
     assert "access denied (HTTP 403)" in errors[0] and errors[0].endswith("a rerun alone cannot fix this")
+
+    assert done == 0, done_err[-3000:]
+    assert "could not write the run record" in done_err and "could not write the summary" in done_err
+    assert re.search(r"every image is recorded ok, though storage failed: s3://\S+/out: access denied", done_err)
+    assert "run again" not in done_err and "Traceback" not in done_err
     set_environment(monkeypatch, s3_environment(s3_server))
     output = open_output(spec.output)
-    record = json.loads(output.get(output.list("runs/")[-1]))
+    keys = ok_keys_once(output)
+    assert len(keys) == len(set(keys)) == len(PROMPTS)
+    (record,) = [json.loads(output.get(key)) for key in output.list("runs/")]  # the second run's were denied
     assert record["state"] == "stopped" and record["exit_code"] == 2
