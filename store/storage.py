@@ -472,12 +472,12 @@ class S3Output:
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
             return StorageError(f"{target}: {NO_CREDENTIALS_HINT}")
         endpoint = self.client.meta.endpoint_url
-        outage = f"for {self.settings.outage_s:g} s of retries"
+        retried = f"(retried for {self.settings.outage_s:g} s)"
         if isinstance(err, EndpointUnreachableError):
-            return StorageError(f"{target}: cannot reach the S3 endpoint {endpoint} {outage}; if it stays away, "
+            return StorageError(f"{target}: cannot reach the S3 endpoint {endpoint} {retried}; if it stays away, "
                                 "check AWS_ENDPOINT_URL", transient=True)
         if isinstance(err, (ReadTimeoutError, ConnectionClosedError)):
-            return StorageError(f"{target}: the S3 endpoint {endpoint} stopped answering {outage}", transient=True)
+            return StorageError(f"{target}: the S3 endpoint {endpoint} stopped answering {retried}", transient=True)
         if not isinstance(err, ClientError):
             return StorageError(f"{target}: {type(err).__name__}: {self._redact(str(err))}",
                                 transient=is_transient(err))
