@@ -1,8 +1,11 @@
 """The `wurstfabrik` command: run a job spec, report an output's status, preview it, or run the offline demo.
 
-Exit codes (for schedulers): 0 every image done; 1 images failed or missing, or the run stopped (a rerun makes
-them); 2 a spec, input, storage or checkpoint problem, nothing written; 3 another run holds the output's lease;
-128 + N when stopped by signal N (130 SIGINT, 143 SIGTERM).
+Exit codes (for schedulers, jobs.exit_codes): 0 every image recorded ok (a failed manifest merge or record write
+is a warning); 1 a rerun can finish: images failed or missing, the run stopped (stall, lost lease), storage
+unreachable or throttling; 2 a rerun alone cannot: a spec, input, checkpoint or placement problem, or storage that
+refuses (credentials, access denied, missing bucket, a damaged or mismatching object), named in one line with what
+to do; 3 another run holds the output's lease (refused before torch or Ray is imported); 128 + N when stopped by
+signal N (130 SIGINT, 143 SIGTERM). `wurstfabrik status` exits 0, 1 or 2 the same way.
 """
 
 import argparse
@@ -11,20 +14,23 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.errors import CheckpointError
 from store.ids import InputError
 from store.lease import LeaseHeld
 from store.manifest import ManifestError
 from store.storage import StorageError
 
+from .claim import claim_output
+from .exit_codes import EXIT_INCOMPLETE, EXIT_LEASED, EXIT_REFUSED, help_table
 from .preview import NothingToPreview, write_preview
 from .quiet import filtered_stderr
 from .schema import schema_text
 from .spec import JobSpec, SpecError, load_spec
 from .status import NoJob, status_report
+from .supervisor import RunStopped
 
-USER_ERRORS = (SpecError, InputError, StorageError, CheckpointError, ManifestError, NoJob, NothingToPreview)
-EXIT_REFUSED, EXIT_LEASED = 2, 3
+# CheckpointError (pipeline/, which imports torch) is caught in run(), once the lease is taken.
+USER_ERRORS = (SpecError, InputError, StorageError, ManifestError, NoJob, NothingToPreview)
+FIX_FIRST = "a rerun alone cannot fix this"
 DEMO_SUBJECTS = ("a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sausage stand", "a sailing boat")
 DEMO_STYLES = ("watercolor", "oil painting", "photo at dusk", "pixel art", "pencil sketch", "isometric render")
 
@@ -37,19 +43,31 @@ def print_summary(summary: dict) -> None:
 
 
 def run(spec: JobSpec, force: bool, progress: bool) -> int:
-    from .driver import JobError, run_job  # imports Ray and torch: only when a job runs
-
     try:
-        result = run_job(spec, force=force, progress=progress)
-    except JobError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+        with claim_output(spec) as claim:
+            # Imported once the output is ours: a run refused by the lease never loads torch or Ray.
+            from pipeline.errors import CheckpointError
+
+            from .driver import JobError, run_claimed
+
+            try:
+                result = run_claimed(claim, force=force, progress=progress)
+            except (JobError, CheckpointError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_REFUSED
     except LeaseHeld as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_LEASED
+    except RunStopped as e:  # before any work began
+        print(f"error: {e.reason} before the run began; run again", file=sys.stderr)
+        return e.exit_code
     print_summary(result.summary)
-    if result.message:
+    if result.message and result.exit_code == EXIT_REFUSED:
+        print(f"error: {result.message}; {FIX_FIRST}", file=sys.stderr)
+    elif result.message and result.exit_code != 0:
         print(f"error: {result.message}; run again to finish", file=sys.stderr)
+    elif result.exit_code == EXIT_INCOMPLETE:
+        print("error: images failed or are missing; run again to make them", file=sys.stderr)
     elif result.summary.get("bad_input"):
         print(f"note: {result.summary['bad_input']} image(s) of bad input rows were skipped; "
               f"`wurstfabrik status {spec.output}` lists them", file=sys.stderr)
@@ -96,17 +114,8 @@ def demo(folder: Path, overrides: list[str], progress: bool) -> int:
     return code
 
 
-RUN_EXIT_CODES = """\
-exit codes:
-  0         every image is done (bad rows skipped with bad_rows: skip are reported, not counted)
-  1         images failed or missing, or the run stopped (a storage outage, a stall, a lost lease):
-            run again, a rerun makes only what is missing or failed
-  2         a spec, input, storage, checkpoint or placement problem; nothing was written: fix it
-  3         another run holds the output's lease (named in the message): skip this slot
-  130, 143  stopped by SIGINT or SIGTERM; the next run resumes
-
-The job spec's fields, the output layout, resuming and these codes: docs/jobs.md
-(`wurstfabrik schema` prints the spec's JSON Schema)."""
+RUN_EXIT_CODES = (help_table() + "\n\nThe job spec's fields, the output layout, resuming and these codes: "
+                  "docs/jobs.md\n(`wurstfabrik schema` prints the spec's JSON Schema).")
 
 
 class _ShowVersions(argparse.Action):
@@ -124,9 +133,9 @@ class _ShowVersions(argparse.Action):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wurstfabrik", description="Batch image generation with Würstchen on Ray.",
-                                epilog="exit codes: 0 done; 1 images failed, missing or stopped (rerun); 2 bad "
-                                       "spec/input/storage/checkpoint; 3 output leased by another run. "
-                                       "`wurstfabrik run --help` says more; docs/jobs.md has the whole reference.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"{help_table()}\n\n`wurstfabrik run --help` says more; docs/jobs.md has "
+                                       "the whole reference.")
     p.add_argument("--version", action=_ShowVersions,
                    help="print the versions of wurstfabrik, Python, Ray and torch, and whether CUDA is available")
     sub = p.add_subparsers(dest="command", required=True)
@@ -192,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with filtered_stderr():
             return demo(args.dir, args.overrides, not args.no_progress)
+    except (StorageError, ManifestError) as e:
+        if isinstance(e, StorageError) and e.transient:
+            print(f"error: {e}; run again once storage answers", file=sys.stderr)
+            return EXIT_INCOMPLETE
+        advice = "restore or remove that object; " if isinstance(e, ManifestError) else ""
+        print(f"error: {e}; {advice}{FIX_FIRST}", file=sys.stderr)
+        return EXIT_REFUSED
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED

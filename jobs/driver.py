@@ -1,5 +1,6 @@
-"""The driver: checks everything it can before any work (spec, checkpoints, inputs, placement), takes the output's
-lease, plans, runs the Ray Data chain read → prior → decoder → encode → write, and records how the run went."""
+"""The driver: under the output's lease (jobs.claim, taken before this module's imports of torch and Ray), checks
+everything it can before any work (checkpoints, inputs, placement), plans, runs the Ray Data chain read → prior →
+decoder → encode → write, and records how the run went."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import logging
 import math
 import os
 import time
-import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -22,9 +22,9 @@ from pipeline.geometry import Geometry
 from pipeline.prompt_syntax import check_prompt_syntax
 from store.formats import OutputFormat, open_format
 from store.formats.shards import shard_number, stored_shard_numbers
-from store.lease import Holder, Lease
 from store.manifest import (
     MANIFEST_SCHEMA,
+    ManifestError,
     compact,
     image_states,
     input_failures,
@@ -38,7 +38,7 @@ from store.manifest import (
     write_summary,
 )
 from store.runs import DID_NOT_FINISH, RUNNING, unfinished_runs, write_run
-from store.storage import Output, S3Settings, StorageError, open_output
+from store.storage import Output, StorageError
 from workers.decoder_stage import DecoderStage
 from workers.encoder_stage import encode_images
 from workers.faults import FAULTS_ENV
@@ -49,18 +49,17 @@ from workers.reader_stage import read_unit
 from workers.shard_numbers import ShardNumbers
 from workers.writer_stage import write_images
 
+from .claim import Claim, claim_output, now, submission_id
+from .exit_codes import EXIT_DONE, EXIT_INCOMPLETE, EXIT_REFUSED, storage_exit
 from .plan import Plan, Scan, plan_units, scan_inputs
 from .provenance import checkpoint_identity, job_id, job_params, sample_provenance, wurstfabrik_version
 from .quiet import quiet_ray_logs
 from .resources import READ_CPUS, ClusterShape, demands, pending_demands, stage_gpus, unschedulable
 from .spec import JobSpec
-from .supervisor import LeaseKeeper, RunStopped, Supervisor, Watchdog
+from .supervisor import RunStopped, Supervisor, Watchdog
 
 log = logging.getLogger("wurstfabrik")
 COMPACT_EVERY_S = 30.0  # merge the manifest's parts this often while a job runs
-
-# Exit codes; the README lists them for schedulers.
-EXIT_DONE, EXIT_INCOMPLETE, EXIT_REFUSED, EXIT_LEASED = 0, 1, 2, 3
 
 
 class JobError(Exception):
@@ -165,13 +164,7 @@ def connect_ray(spec: JobSpec) -> None:
 
 def ray_job_name() -> str | None:
     """The Ray job submission id when run by `ray job submit`, else the Ray job id once connected."""
-    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if config:
-        try:
-            return json.loads(config)["metadata"]["job_submission_id"]
-        except (ValueError, KeyError, TypeError):
-            pass
-    return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    return submission_id() or (ray.get_runtime_context().get_job_id() if ray.is_initialized() else None)
 
 
 def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tuple[float, float],
@@ -222,29 +215,21 @@ def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tup
         batch_size=None, num_cpus=place.writer_cpus, compute=writers, runtime_env=runtime_env)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 class Run:
     """One run of a spec against its output: the bookkeeping around the dataflow."""
 
-    def __init__(self, spec: JobSpec, force: bool, progress: bool):
-        self.spec, self.force, self.progress = spec, force, progress
-        self.run_id = uuid.uuid4().hex[:12]
-        self.started = _now()
-        self.clock = time.perf_counter()
-        self.settings = S3Settings(outage_s=spec.resilience.storage_outage_s)
-        self.output = open_output(spec.output, self.settings)
+    def __init__(self, claim: Claim, force: bool, progress: bool):
+        self.spec, self.force, self.progress = claim.spec, force, progress
+        self.run_id, self.started, self.clock = claim.run_id, claim.started, claim.clock
+        self.settings, self.output = claim.settings, claim.output
         self.generated = self.failed = 0
         self.record: dict = {}
 
     def prepare(self) -> tuple[dict, Geometry, Scan]:
-        """Everything that reads and writes nothing of the output's state: spec, checkpoints, inputs."""
+        """Everything that writes nothing to the output: checkpoints, the job's params against the output's, inputs."""
         spec = self.spec
         prior = checkpoint_identity(spec.prior, "prior", spec.prior_text)
         decoder = checkpoint_identity(spec.decoder, "decoder")
-        self.output.check_writable()
         params = job_params(spec, prior, decoder)
         check_resume(params, self.output, self.force, spec)
         geometry = local_geometry(spec)
@@ -280,31 +265,22 @@ def _write_quietly(output: Output, record: dict) -> None:
 def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobResult:
     """Generates every image of the spec that its output does not hold yet.
 
-    Raises JobError, SpecError-like input errors, CheckpointError or StorageError before any work; LeaseHeld if
-    another run holds the output. Once the run holds the lease, it returns a JobResult whatever happens."""
-    run = Run(spec, force, progress)
+    Raises StorageError if the output cannot be written, LeaseHeld if another run holds it; then, under the lease,
+    what run_claimed raises."""
+    with claim_output(spec) as claim:
+        return run_claimed(claim, force, progress)
+
+
+def run_claimed(claim: Claim, force: bool = False, progress: bool = True) -> JobResult:
+    """The run of an entered claim (which gives the lease back when it exits). Raises JobError, input errors,
+    CheckpointError or StorageError while checking, before any work; RunStopped if stopped then. Once the checks
+    pass, it returns a JobResult whatever happens."""
+    run = Run(claim, force, progress)
     params, geometry, scan = run.prepare()
-    connect_ray(spec)
+    connect_ray(run.spec)
+    claim.supervisor.reclaim_signals()
     gpus = run.placement()
-    current_job = job_id(params)
-    lease = Lease(run.output, Holder.for_this_process(run.run_id, ray_job_name()), spec.resilience.lease_stale_s)
-    took_over = lease.acquire()
-    if took_over is not None:
-        log.warning("took over the output's lease from %s, which %s", took_over.describe(),
-                    "is no longer running here" if took_over.died_here() else
-                    f"was not renewed for {took_over.age_s():.0f} s")
-    supervisor = Supervisor()
-    keeper = LeaseKeeper(supervisor, lease)
-    keeper.start()
-    try:
-        with supervisor:
-            return _run_under_lease(run, supervisor, params, geometry, scan, gpus, current_job, took_over)
-    finally:
-        keeper.done.set()
-        try:
-            lease.release()
-        except Exception as e:  # lost or unreachable: the lease goes stale on its own
-            log.warning("could not release the output's lease: %s", e)
+    return _run_under_lease(run, claim.supervisor, params, geometry, scan, gpus, job_id(params), claim.took_over)
 
 
 def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: Geometry, scan: Scan,
@@ -317,7 +293,6 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
     plan = None
     try:
         with supervisor.critical():
-            check_resume(params, output, run.force, spec)  # another run may have finished in between
             dead = unfinished_runs(output, run.run_id)
             for record in dead:
                 log.warning("run %s (started %s on %s) did not finish: its record still said running",
@@ -348,7 +323,10 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
     except RunStopped as e:
         return _finish(run, plan, current_job, e.reason, e.exit_code)
     except StorageError as e:
-        return _finish(run, plan, current_job, f"storage failed: {e}", EXIT_INCOMPLETE)
+        return _finish(run, plan, current_job, f"storage failed: {e}", storage_exit(e.transient))
+    except ManifestError as e:  # a damaged manifest object: every rerun would read it again
+        return _finish(run, plan, current_job, f"the manifest cannot be read: {e}; restore or remove that object",
+                       EXIT_REFUSED)
     except ray.exceptions.RayError as e:
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         log.debug("the dataflow failed", exc_info=True)
@@ -375,9 +353,10 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                 run.failed += int((statuses == "failed").sum())
                 bar.update(len(statuses))
                 bar.set_postfix(failed=run.failed)
-                errors = [e for e in batch["storage_error"] if e]
-                if errors:
-                    supervisor.stop(f"storage failed: {errors[0]}")
+                for error, transient in zip(batch["storage_error"], batch["storage_transient"], strict=True):
+                    if error:
+                        supervisor.stop(f"storage failed: {error}", storage_exit(bool(transient)))
+                        break
                 supervisor.check()
                 if time.monotonic() - last_compact > COMPACT_EVERY_S:
                     with supervisor.critical():
@@ -432,7 +411,9 @@ def _remove_orphan_shards(fmt: OutputFormat, output: Output) -> None:
 
 def _finish(run: Run, plan: Plan | None, current_job: str, stop_reason: str | None,
             stop_code: int | None) -> JobResult:
-    """Summary, run record and exit code; a storage outage here still leaves an exit code and a message."""
+    """Summary, run record and exit code; a storage outage here still leaves an exit code and a message. A run
+    that stopped after every image was recorded ok exits 0, its reason a warning: a rerun would have nothing to do
+    (a signal still exits 128 + N, as a scheduler expects)."""
     spec, output = run.spec, run.output
     elapsed = time.perf_counter() - run.clock
     total = plan.total_images if plan else 0
@@ -441,31 +422,38 @@ def _finish(run: Run, plan: Plan | None, current_job: str, stop_reason: str | No
         run_rows = read_manifest(output, ["status", "prior_s", "decoder_s", "write_s"], current_job,
                                  run_id=run.run_id)
         summary = summarize(image_states(output, current_job), run_rows, elapsed_s=elapsed)
-    except StorageError as e:
+    except (StorageError, ManifestError) as e:
         with_summary = False
         summary = {"images": None, "status": {"ok": None, "failed": None}, "bad_input": None,
                    "error": f"could not read the manifest: {e}"}
+        if stop_code is None:
+            transient = isinstance(e, StorageError) and e.transient
+            stop_reason, stop_code = summary["error"], storage_exit(transient)
     counts = summary["status"]
     # Throughput of this run alone: images recorded by earlier runs took none of its time.
     summary.update(job_id=current_job, run_id=run.run_id, total_images=total, generated_now=run.generated,
                    failed_now=run.failed, images_per_s=run.generated / elapsed if elapsed else None,
                    output=spec.output)
+    complete = False
     if with_summary:
         summary["missing"] = max(0, total - counts["ok"] - counts["failed"])
         retryable = counts["failed"] - summary["bad_input"]
-        exit_code = EXIT_DONE if not retryable and not summary["missing"] else EXIT_INCOMPLETE
+        complete = plan is not None and not retryable and not summary["missing"]
     else:
         summary["missing"] = None
-        exit_code = EXIT_INCOMPLETE
-    if stop_code is not None:
+    exit_code = EXIT_DONE if complete else EXIT_INCOMPLETE
+    if stop_code is not None and (stop_code > 128 or not complete):
         exit_code = stop_code
-    state = "finished" if stop_reason is None else ("interrupted" if stop_code and stop_code > 128 else "stopped")
+    elif stop_reason is not None:
+        log.warning("every image is recorded ok, though %s", stop_reason)
+    state = ("finished" if stop_reason is None or exit_code == EXIT_DONE else
+             "interrupted" if exit_code > 128 else "stopped")
     if with_summary:
         try:
             write_summary(output, summary)
         except StorageError as e:
             log.warning("could not write the summary: %s", e)
-    run.write_record(state, finished=_now(), elapsed_s=round(elapsed, 3), generated=run.generated,
+    run.write_record(state, finished=now(), elapsed_s=round(elapsed, 3), generated=run.generated,
                      failed=run.failed, skipped_bad_input=plan.bad.num_rows if plan else 0,
                      images_per_s=summary["images_per_s"], status=counts, missing=summary["missing"],
                      exit_code=exit_code, message=stop_reason)

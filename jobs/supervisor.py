@@ -56,6 +56,15 @@ class Supervisor:
             signal.signal(number, handler)
         self._previous.clear()
 
+    def reclaim_signals(self) -> None:
+        """Takes back the signals a library claimed meanwhile (ray.init sets its own SIGTERM handler in the main
+        thread); the library's handler is the one restored when the run ends."""
+        for number in self._previous:
+            current = signal.getsignal(number)
+            if current != self._on_signal:
+                self._previous[number] = current
+                signal.signal(number, self._on_signal)
+
     def stop(self, reason: str, exit_code: int = EXIT_STOPPED) -> None:
         """Asks the run to stop; callable from any thread. The first reason wins."""
         if self.reason is None:

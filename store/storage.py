@@ -36,7 +36,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as EndpointUnreachableError
 
-from .retry import DEFAULT_OUTAGE_S, retry_transient
+from .retry import DEFAULT_OUTAGE_S, is_transient, retry_transient
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -60,7 +60,19 @@ CONDITION_FAILED_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "4
 
 
 class StorageError(Exception):
-    """An output location that cannot be used; the message names the URI or key and the problem."""
+    """An output location that cannot be used; the message names the URI or key and the problem.
+
+    `transient` is True only for what a later run can get past as it is: an endpoint unreachable, silent or
+    throttling after the retries ran out. Everything else (access, a missing bucket or object, a damaged object)
+    is met again by every rerun until someone fixes it, so that is the default: a scheduler is not sent into a
+    loop of reruns by an error nobody classified."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self):  # keeps `transient` when the error crosses processes (Ray tasks)
+        return type(self), (str(self), self.transient)
 
 
 def safe_key(key: str) -> str:
@@ -460,12 +472,15 @@ class S3Output:
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
             return StorageError(f"{target}: {NO_CREDENTIALS_HINT}")
         endpoint = self.client.meta.endpoint_url
+        retried = f"(retried for {self.settings.outage_s:g} s)"
         if isinstance(err, EndpointUnreachableError):
-            return StorageError(f"{target}: cannot reach the S3 endpoint {endpoint}")
+            return StorageError(f"{target}: cannot reach the S3 endpoint {endpoint} {retried}; if it stays away, "
+                                "check AWS_ENDPOINT_URL", transient=True)
         if isinstance(err, (ReadTimeoutError, ConnectionClosedError)):
-            return StorageError(f"{target}: the S3 endpoint {endpoint} stopped answering")
+            return StorageError(f"{target}: the S3 endpoint {endpoint} stopped answering {retried}", transient=True)
         if not isinstance(err, ClientError):
-            return StorageError(f"{target}: {type(err).__name__}: {self._redact(str(err))}")
+            return StorageError(f"{target}: {type(err).__name__}: {self._redact(str(err))}",
+                                transient=is_transient(err))
         code = _error_code(err)
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in REJECTED_CREDENTIAL_CODES:
@@ -476,15 +491,16 @@ class S3Output:
         if code == "AccessDenied" or status == 403:
             return StorageError(
                 f"{target}: access denied (HTTP 403); the credentials are wrong or lack permission "
-                f"for bucket '{self.bucket}'"
+                f"for bucket '{self.bucket}': use credentials that may read and write it"
             )
         # HEAD answers carry no body, so a missing bucket or object shows only as a bare 404.
         if code == "NoSuchBucket" or (status == 404 and err.operation_name == "HeadBucket"):
-            return StorageError(f"{target}: bucket '{self.bucket}' does not exist")
+            return StorageError(f"{target}: bucket '{self.bucket}' does not exist; create it or correct the URI")
         if code in MISSING_OBJECT_CODES:
             return StorageError(f"{target}: no such object")
         message = self._redact(err.response.get("Error", {}).get("Message", ""))
-        return StorageError(f"{target}: S3 refused {err.operation_name} with {code or status}: {message}")
+        return StorageError(f"{target}: S3 refused {err.operation_name} with {code or status}: {message}",
+                            transient=is_transient(err))
 
     def _redact(self, text: str) -> str:
         """Strip the current keys from server-supplied text before it reaches a message or a log."""

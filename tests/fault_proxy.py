@@ -1,12 +1,14 @@
 """A fault-injecting HTTP proxy for S3 tests: it forwards requests to a real S3 server on loopback, and answers a
 share of them with 503 SlowDown or 500 InternalError, or drops the connection without an answer, as an
-overloaded or failing-over S3 endpoint does."""
+overloaded or failing-over S3 endpoint does; and it can refuse chosen requests with 403 AccessDenied, as a bucket
+policy that denies some writes does."""
 
 from __future__ import annotations
 
 import http.client
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -15,6 +17,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 ERRORS = {
     503: ("SlowDown", "Please reduce your request rate."),
     500: ("InternalError", "We encountered an internal error. Please try again."),
+    403: ("AccessDenied", "Access Denied"),
 }
 
 
@@ -24,6 +27,7 @@ class FaultCounts:
     slow_down: int = 0
     internal_error: int = 0
     dropped: int = 0
+    refused: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, kind: str) -> None:
@@ -35,12 +39,15 @@ class FaultProxy:
     """`FaultProxy(upstream, share=0.2).start()`; its `endpoint` is what clients use instead of upstream's.
 
     Of the requests, `share` get a fault: a third each 503, 500 and a dropped connection. Dropped requests are
-    forwarded first, so the upstream may have done what the client never hears of (as on a real network)."""
+    forwarded first, so the upstream may have done what the client never hears of (as on a real network).
+    `refuse(method, path)`, called for every request, answers True for those to refuse with 403."""
 
-    def __init__(self, upstream: str, share: float = 0.2, seed: int = 0):
+    def __init__(self, upstream: str, share: float = 0.2, seed: int = 0,
+                 refuse: Callable[[str, str], bool] | None = None):
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.share = share
+        self.refuse = refuse
         self.random = random.Random(seed)
         self.random_lock = threading.Lock()
         self.counts = FaultCounts()
@@ -78,10 +85,10 @@ class FaultProxy:
 
     def handle(self, request: BaseHTTPRequestHandler) -> None:
         body = _read_body(request)
-        fault = self._fault()
-        if fault in ("slow_down", "internal_error"):
+        fault = "refused" if self.refuse and self.refuse(request.command, request.path) else self._fault()
+        if fault in ("slow_down", "internal_error", "refused"):
             self.counts.add(fault)
-            status = 503 if fault == "slow_down" else 500
+            status = {"slow_down": 503, "internal_error": 500, "refused": 403}[fault]
             code, message = ERRORS[status]
             payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}'
                        f"</Message></Error>").encode()

@@ -165,6 +165,7 @@ def test_wrong_secret_is_reported_without_leaking_it(s3_env, s3_bucket, monkeypa
     assert "access denied" in str(check.value)
     assert "rejected the credentials (SignatureDoesNotMatch)" in str(put.value)
     for error in (check.value, put.value):
+        assert not error.transient  # a rerun meets it again
         assert f"s3://{s3_bucket}/x" in str(error)
         for secret in (wrong_secret, s3_env.secret_key, s3_env.access_key):
             assert secret not in str(error)
@@ -182,8 +183,9 @@ def test_missing_bucket_is_reported(s3_env):
     output = open_output("s3://no-such-bucket-here/out")
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
         output.check_writable()
-    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist") as put:
         output.put("a.png", b"x")
+    assert not put.value.transient
 
 
 def test_unreachable_endpoint_is_reported_quickly(s3_env, monkeypatch):
@@ -193,8 +195,11 @@ def test_unreachable_endpoint_is_reported_quickly(s3_env, monkeypatch):
     endpoint = f"http://127.0.0.1:{closed_port}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     output = open_output("s3://bucket/out", S3Settings(max_attempts=1, connect_timeout=1, outage_s=0))
-    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {endpoint}"):
+    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {endpoint}") as check:
         output.check_writable()
+    assert check.value.transient  # it may answer again
+    copied = pickle.loads(pickle.dumps(check.value))  # as it crosses from a Ray task to the driver
+    assert copied.transient and str(copied) == str(check.value)
 
 
 def test_attempts_come_from_settings_then_environment(s3_env, monkeypatch):

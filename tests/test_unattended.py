@@ -66,7 +66,8 @@ def test_a_held_output_refuses_a_second_run_and_a_stale_lease_is_taken_over(ray_
     assert read_holder(output).released and read_holder(output).run_id == record["run_id"]
 
 
-def test_preflight_problems_are_one_line_and_leave_nothing(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+def test_preflight_problems_are_one_line_and_leave_only_a_released_lease(tiny_checkpoints, tmp_path, capsys,
+                                                                         monkeypatch):
     prior, decoder = tiny_checkpoints
     prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:1])
     no_weights = tmp_path / "no-weights"
@@ -91,7 +92,9 @@ def test_preflight_problems_are_one_line_and_leave_nothing(tiny_checkpoints, tmp
         assert run_cli(spec, tmp_path) == 2, fields
         lines = error_lines(capsys.readouterr().err)
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0].lower(), (fields, lines)
-        assert not out.exists(), fields  # nothing written, not even the folder
+        # The lease is taken before these checks, and given back: nothing else is written.
+        output = open_output(str(out))
+        assert output.list() == ["lease.json"] and read_holder(output).released, fields
 
 
 def test_a_placement_that_can_never_be_scheduled_is_refused(ray_local, tiny_checkpoints, tmp_path, capsys):

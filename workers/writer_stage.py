@@ -26,13 +26,14 @@ def write_images(batch: dict[str, np.ndarray], output, output_format: str, image
                  job: dict, shard_numbers=None) -> dict[str, np.ndarray]:
     """`job` holds job_id, run_id, params (the sampler settings) and provenance (what each sample's metadata
     carries). A storage failure that outlasts the retries leaves the batch unrecorded: its images are not in the
-    manifest, so a rerun makes them again, and the driver is told through `storage_error`."""
+    manifest, so a rerun makes them again, and the driver is told through `storage_error` and `storage_transient`
+    (whether a rerun can get past it as it is: StorageError.transient)."""
     start = time.perf_counter()
     samples = [_sample(batch, i, job) for i in range(len(batch["prompt_id"]))]
     batch_key = hashlib.sha256("\n".join(sorted(f"{s.row['prompt_id']}/{s.row['image_index']}"
                                                  for s in samples)).encode()).hexdigest()
     claim = (lambda: ray.get(shard_numbers.claim.remote(batch_key))) if shard_numbers is not None else None
-    storage_error = ""
+    storage_error, transient = "", False
     for sample in samples:
         sample.row["status"] = "ok" if sample.ok else "failed"
     try:
@@ -44,11 +45,12 @@ def write_images(batch: dict[str, np.ndarray], output, output_format: str, image
         if samples:
             write_part(output, [s.row for s in samples])
     except StorageError as e:
-        storage_error = str(e)
+        storage_error, transient = str(e), e.transient
     statuses = [("unrecorded" if storage_error else s.row["status"]) for s in samples]
     return {"prompt_id": column([s.row["prompt_id"] for s in samples]),
             "image_index": column([s.row["image_index"] for s in samples], np.int64),
-            "status": column(statuses), "storage_error": column([storage_error] * len(samples))}
+            "status": column(statuses), "storage_error": column([storage_error] * len(samples)),
+            "storage_transient": column([transient] * len(samples), bool)}
 
 
 def _sample(batch: dict[str, np.ndarray], i: int, job: dict) -> Sample:
