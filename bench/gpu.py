@@ -348,7 +348,9 @@ def main(argv=None) -> dict:
               f"text {flops['text_encoders']:.3g}); the issue counts {ISSUE_TFLOP_PER_IMAGE} at 1024²", flush=True)
 
         systems = Systems(reference, ours, height, width)
-        compile_options = CompileOptions(backend=backend, cuda_graphs=False, max_autotune=args.max_autotune,
+        # Each batch size is measured at its own bucket (no padding into an earlier, larger graph).
+        compile_options = CompileOptions(backend=backend, cuda_graphs=False, compile_smaller_after=0,
+                                         max_autotune=args.max_autotune,
                                          **(RECIPE_FLAGS if args.recipe_flags else {}))
         result["compile_options"] = {k: v for k, v in asdict(compile_options).items() if k != "cuda_graphs"}
         reference_compile = dict(fullgraph=True, mode="reduce-overhead") if backend == "inductor" else \
@@ -364,8 +366,9 @@ def main(argv=None) -> dict:
             rows[system, b] = measure(Row(system, b), run, repeats, device, budget, estimate)
             return rows[system, b]
 
-        def set_cuda_graphs(on: bool) -> None:
-            ours.prior.denoiser.cuda_graphs = ours.decoder.denoiser.cuda_graphs = on
+        def set_cuda_graphs(on: bool) -> None:  # at every batch size, whatever the default's cuda_graph_max_batch
+            for denoiser in (ours.prior.denoiser, ours.decoder.denoiser):
+                denoiser.cuda_graphs, denoiser.cuda_graph_max_batch = on, None
 
         def ours_eager(b: int) -> list:
             images[b] = systems.ours_run(b)  # kept for the float32 comparison
