@@ -378,7 +378,9 @@ def main(argv=None) -> dict:
               f"text {flops['text_encoders']:.3g}); the issue counts {ISSUE_TFLOP_PER_IMAGE} at 1024²", flush=True)
 
         systems = Systems(reference, ours, height, width)
-        compile_options = CompileOptions(backend=backend, cuda_graphs=False, max_autotune=args.max_autotune,
+        # Each batch size is measured at its own bucket (no padding into an earlier, larger graph).
+        compile_options = CompileOptions(backend=backend, cuda_graphs=False, compile_smaller_after=0,
+                                         max_autotune=args.max_autotune,
                                          **(RECIPE_FLAGS if args.recipe_flags else {}))
         result["compile_options"] = {k: v for k, v in asdict(compile_options).items() if k != "cuda_graphs"}
         reference_compile = dict(fullgraph=True, mode="reduce-overhead") if backend == "inductor" else \
@@ -395,7 +397,9 @@ def main(argv=None) -> dict:
             return rows[system, b]
 
         def set_cuda_graphs(on: bool, pipe: WuerstchenPipeline = ours) -> None:
-            pipe.prior.denoiser.cuda_graphs = pipe.decoder.denoiser.cuda_graphs = on
+            """At every batch size, whatever the default's cuda_graph_max_batch."""
+            for denoiser in (pipe.prior.denoiser, pipe.decoder.denoiser):
+                denoiser.cuda_graphs, denoiser.cuda_graph_max_batch = on, None
 
         def keeping(system: str, run):
             """run, with the images of each batch kept for the precision comparisons."""

@@ -187,15 +187,19 @@ def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tup
         .flat_map(read_unit, fn_kwargs={"spec": spec, "settings": settings}, num_cpus=READ_CPUS,
                   runtime_env=runtime_env)
         # A read unit's rows would otherwise travel as one block, and the decoder would wait for the prior to
-        # finish all of them; blocks of one prior batch keep both pools busy from the first batch on.
+        # finish all of them; blocks of one prior batch keep both pools busy from the first batch on. A unit holds
+        # images of one size (jobs.plan), and each block is one batch (batch_size=None): a batch filled up from the
+        # next block could mix sizes, which the stages would run as two part-empty model batches.
         .repartition(target_num_rows_per_block=place.prior_batch_size)
         .map_batches(PriorStage, fn_constructor_kwargs={"spec": spec, "models": models},
-                     batch_size=place.prior_batch_size,
+                     batch_size=None,
                      compute=ray.data.ActorPoolStrategy(size=place.prior_actors), num_gpus=gpus[0],
                      num_cpus=place.prior_cpus, resources=place.prior_resources or None, runtime_env=runtime_env,
                      **actor_args)
         .map_batches(DecoderStage, fn_constructor_kwargs={"spec": spec, "models": models},
-                     batch_size=place.decoder_batch_size,
+                     # the prior's batches as they are when their sizes agree (one image size each)
+                     batch_size=None if place.decoder_batch_size == place.prior_batch_size else
+                     place.decoder_batch_size,
                      compute=ray.data.ActorPoolStrategy(size=place.decoder_actors), num_gpus=gpus[1],
                      num_cpus=place.decoder_cpus, resources=place.decoder_resources or None,
                      runtime_env=runtime_env, **actor_args)

@@ -17,7 +17,18 @@ import pyarrow.compute as pc
 from store.ids import InputError
 from store.manifest import INPUT_ERROR_PREFIX
 from store.membership import is_member
-from store.prompts import Columns, ReadUnit, check_columns, file_name, open_parquet, prompt_ids, row_ids, row_problems
+from store.prompts import (
+    Columns,
+    ReadUnit,
+    check_columns,
+    file_name,
+    open_parquet,
+    prompt_ids,
+    requested_sizes,
+    row_ids,
+    row_problems,
+    size_keys,
+)
 from store.storage import S3Settings, StorageError, list_files
 
 MAX_REPORTED_PROBLEMS = 20
@@ -63,6 +74,8 @@ class Scan:
     ids: list[pa.Array] = field(default_factory=list)  # one array of prompt ids per row group
     groups: list[tuple[int, int, int, int]] = field(default_factory=list)  # file, group, first row, rows
     bad: dict[int, dict[int, str]] = field(default_factory=dict)  # group number → row offset → problem
+    # With height_column/width_column: one array per row group of each row's store.prompts.size_keys.
+    sizes: list[np.ndarray] = field(default_factory=list)
 
 
 def scan_inputs(spec, check_size: Callable[[int, int], str | None],
@@ -112,6 +125,8 @@ def _scan(spec, files, check_size, check_prompt, settings, stop_early: bool) -> 
                     scan.bad[len(scan.groups)] = problems
                     reported += len(problems)
                 scan.ids.append(prompt_ids(columns, uri, first_row, table))
+                if columns.height is not None or columns.width is not None:
+                    scan.sizes.append(size_keys(*requested_sizes(columns, table, (spec.height, spec.width))))
                 scan.groups.append((file_index, group, first_row, table.num_rows))
                 first_row += table.num_rows
         except (pa.ArrowInvalid, OSError) as e:
@@ -175,12 +190,23 @@ def plan_units(spec, scan: Scan, done: pa.Table | None = None) -> Plan:
             if len(todo) == 0:
                 continue
             whole = len(todo) == (stop - start) * per_prompt
-            plan.units.append(ReadUnit(uri, group, first_row + start, start, stop,
-                                       None if whole else todo.tobytes()))
+            for part in _by_size(todo, scan.sizes[number][start:stop] if scan.sizes else None, per_prompt):
+                plan.units.append(ReadUnit(uri, group, first_row + start, start, stop,
+                                           None if whole and part is todo else part.tobytes()))
         position += rows
     if bad_parts:
         plan.bad = pa.concat_tables(bad_parts)
     return plan
+
+
+def _by_size(todo: np.ndarray, sizes: np.ndarray | None, per_prompt: int) -> list[np.ndarray]:
+    """A unit's pending images split by requested size, smallest first: read units of one size each, so that the
+    stages' batches are cut from rows of one size and stay full (jobs.driver.build_dataset)."""
+    if sizes is None:
+        return [todo]
+    keys = sizes[todo // per_prompt]
+    distinct = np.unique(keys)
+    return [todo] if len(distinct) == 1 else [todo[keys == key] for key in distinct]
 
 
 def _done_ids(done: pa.Table | None, per_prompt: int) -> dict[int, pa.Array]:

@@ -1,13 +1,22 @@
 """The per-step denoiser of a stage as the sampling loop calls it: eager, or compiled with torch.compile(fullgraph=True)
 on batches padded to a few sizes, and on CUDA replayed as one CUDA graph per padded batch and latent size.
 
-How many graphs a job compiles: each stage compiles one graph per (padded batch, latent size) it meets, and no
-more (dynamic=False; the noise ratio r is a tensor, not a Python float that dynamo would guard on). A denoiser batch
-of n rows (2n for a guided stage: conditional and unconditional) is padded to the next of 1, 2, 4, 8, 16, then to
-the next multiple of 16. So a stage that meets batches of up to n images at R image sizes compiles at most
-R × len(buckets_up_to(n)) graphs (and, on CUDA, captures as many CUDA graphs). With the job defaults (batches of up
-to 8, guided Stage C, unguided Stage B): Stage C meets 2, 4, 8, 16 and Stage B 1, 2, 4, 8, i.e. at most 8 graphs per
-image size for the whole job, whatever the batches' unevenness.
+How many graphs a job compiles: a denoiser batch of n rows (2n for a guided stage: conditional and unconditional)
+runs at a padded batch (a bucket): the next of 1, 2, 4, 8, 16, then the next multiple of 16; each stage compiles
+one graph per (bucket, latent size) it runs, and no more (dynamic=False; the noise ratio r is a tensor, not a Python
+float that dynamo would guard on). A batch never compiles a bucket smaller than one already compiled at its latent
+size: it pads up into the smallest compiled bucket that holds it (its extra rows cost a fraction of one batch, a
+compile costs 40-80 s). The rule: a stage compiles at most one graph per image size (the bucket of the first, i.e.
+the largest, batch that a job's full batches make), unless a smaller bucket pays for its own compile: once the rows
+that batches of that bucket were padded by add up to CompileOptions.compile_smaller_after runs of the larger graph
+(about what a cold compile costs), the next such batch compiles its own bucket. A job's tail batch, or a batch cut by
+image size, thus never compiles. Batches that grow (a first batch smaller than later ones) compile each larger bucket
+they need: at most len(buckets_up_to(n)) graphs per image size for batches of up to n rows.
+
+CUDA graphs (on CUDA, CompileOptions.cuda_graphs) are captured only for buckets up to cuda_graph_max_batch rows: on
+an H200 (docs/benchmarks.md) they made a batch of 1 image 29 % faster (Stage C 2 rows, Stage B 1 row), where the
+host's launches take as long as the kernels, and a batch of 8 images 5 % slower (16 and 8 rows), where the GPU is
+busy anyway and replaying saves nothing.
 """
 
 import math
@@ -44,7 +53,11 @@ class CompileOptions:
     """How a pipeline's denoisers are compiled. `compile=True` means CompileOptions()."""
 
     backend: str = "inductor"  # any torch.compile backend; "eager" traces with dynamo only (fast, for checks)
-    cuda_graphs: bool = True  # on CUDA: replay each (padded batch, latent size)'s step as one CUDA graph
+    cuda_graphs: bool = True  # on CUDA: replay each (padded batch, latent size)'s step as one CUDA graph ...
+    cuda_graph_max_batch: int | None = 4  # ... for padded batches of up to this many rows (None: every batch)
+    # Padded rows, in runs of the larger graph, after which a smaller bucket compiles its own graph (a cold compile
+    # of 77 s against 2.5 s for a batch of 8 at 1024² on an H200); 0: every batch compiles its own bucket.
+    compile_smaller_after: float = 32.0
     channels_last: bool = True  # on CUDA: Stage B's and Stage A's weights in channels_last
     # Inductor flags of PyTorch's "Accelerating Generative AI III" recipe, off unless measured faster.
     max_autotune: bool = False
@@ -118,6 +131,12 @@ def _fill(destination, source) -> None:
             dst[n:].copy_(src[:1].expand(dst.shape[0] - n, *src.shape[1:]))
 
 
+def _fill_rows(destination: torch.Tensor, source: torch.Tensor) -> None:
+    """Copies source into destination's first rows and leaves the padded rows as they are: they hold real values from
+    an earlier step (finite), and rows are independent, so no real row can tell."""
+    destination[: source.shape[0]].copy_(source)
+
+
 def condition_batch(cond) -> int:
     sizes = {t.shape[0] for t in _tensors(cond)}
     if len(sizes) != 1:
@@ -128,8 +147,8 @@ def condition_batch(cond) -> int:
 class GraphedStep:
     """One step function at one padded batch and latent shape, run on static buffers: on CUDA it is captured once
     as a CUDA graph and each call replays it. The condition is copied into the buffers once per sampling run
-    (load_condition), the sample and the ratios once per step. On other devices a call reruns the step on the same
-    buffers, which is what a replay does: it keeps this bookkeeping testable without a GPU."""
+    (load_condition), the sample's and the ratios' real rows once per step. On other devices a call reruns the step on
+    the same buffers, which is what a replay does: it keeps this bookkeeping testable without a GPU."""
 
     def __init__(self, step: Callable, x: torch.Tensor, r: torch.Tensor, cond, pool=None):
         self.step = step
@@ -158,8 +177,8 @@ class GraphedStep:
 
     def __call__(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The step's output for the first len(x) rows. It lives in a static buffer that the next call overwrites."""
-        _fill(self.x, x)
-        _fill(self.r, r)
+        _fill_rows(self.x, x)
+        _fill_rows(self.r, r)
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -172,9 +191,10 @@ class Denoiser:
     step(x, r) → noise prediction.
 
     Eager (options None): the model's denoise as it is, on the batch as it is. Compiled: torch.compile(fullgraph=True,
-    dynamic=False) of denoise on the batch padded to padded_batch(n), the padded rows sliced off; on CUDA with
-    options.cuda_graphs, each (padded batch, latent shape) is captured once as a CUDA graph (GraphedStep) and replayed.
-    `cuda_graphs` can be switched on an existing Denoiser without compiling again."""
+    dynamic=False) of denoise on the batch padded to its bucket (see the module's rule), the padded rows sliced off;
+    on CUDA with options.cuda_graphs, each (bucket, latent shape) up to options.cuda_graph_max_batch rows is captured
+    once as a CUDA graph (GraphedStep) and replayed. `cuda_graphs` and `cuda_graph_max_batch` can be switched on an
+    existing Denoiser without compiling again."""
 
     def __init__(self, model: torch.nn.Module, options: CompileOptions | None = None):
         self.model = model
@@ -182,6 +202,9 @@ class Denoiser:
         self.compiled = None
         self.graphs: dict[tuple, GraphedStep] = {}
         self.cuda_graphs = options is not None and options.cuda_graphs and self.device.type == "cuda"
+        self.cuda_graph_max_batch = options.cuda_graph_max_batch if options is not None else None
+        self.buckets: dict[tuple, set[int]] = {}  # latent shape → the buckets compiled at it
+        self._saved: dict[tuple, float] = {}  # (latent shape, bucket) → rows its own graph would have saved, in runs
         self._pool = None
         if options is not None:
             config = torch._dynamo.config
@@ -197,36 +220,54 @@ class Denoiser:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def bucket(self, n: int, shape: tuple) -> int:
+        """The padded batch that n rows at a latent shape run at: their own bucket, or the smallest larger one already
+        compiled at that shape until their own has paid for its compile (the module's rule)."""
+        own = padded_batch(n)
+        compiled = self.buckets.setdefault(tuple(shape), set())
+        larger = [b for b in compiled if b > own]
+        if own not in compiled and larger:
+            host = min(larger)
+            saved = self._saved[tuple(shape), own] = self._saved.get((tuple(shape), own), 0.0) + (host - own) / host
+            if saved < self.options.compile_smaller_after:
+                return host
+        compiled.add(own)
+        return own
+
+    def captures(self, batch: int) -> bool:
+        """Whether steps at this padded batch run as a CUDA graph."""
+        return self.cuda_graphs and (self.cuda_graph_max_batch is None or batch <= self.cuda_graph_max_batch)
+
     def bind(self, cond) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         dtype = self.dtype
         if self.compiled is None:
             return lambda x, r: self.model.denoise(x.to(dtype), r, cond)
         n = condition_batch(cond)
-        batch = padded_batch(n)
-        if self.cuda_graphs:
-            return self._bind_graphs(cond, n, batch)
-        padded = pad_rows(cond, batch)
+        chosen: list[Callable] = []
 
         def step(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            return self.compiled(pad_rows(x, batch).to(dtype), pad_rows(r, batch), padded)[:n]
+            if not chosen:  # the first step of the run picks its bucket: that needs the latent shape
+                batch = self.bucket(n, x.shape[1:])
+                chosen.append(self._graph(cond, x, r, batch) if self.captures(batch) else
+                              self._padded(cond, n, batch))
+            return chosen[0](x, r)
         return step
+
+    def _padded(self, cond, n: int, batch: int) -> Callable:
+        padded, dtype = pad_rows(cond, batch), self.dtype
+        return lambda x, r: self.compiled(pad_rows(x, batch).to(dtype), pad_rows(r, batch), padded)[:n]
 
     def _step(self, x: torch.Tensor, r: torch.Tensor, cond) -> torch.Tensor:
         return self.compiled(x.to(self.dtype), r, cond).float()
 
-    def _bind_graphs(self, cond, n: int, batch: int) -> Callable:
-        loaded: list[GraphedStep] = []
-
-        def step(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            if not loaded:  # the first step of the run finds (or captures) its graph and loads the condition once
-                key = (batch, *x.shape[1:])
-                graph = self.graphs.get(key)
-                if graph is None:
-                    if self._pool is None and self.device.type == "cuda":
-                        self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of a stage's graphs
-                    graph = self.graphs[key] = GraphedStep(self._step, pad_rows(x, batch), pad_rows(r, batch),
-                                                           pad_rows(cond, batch), self._pool)
-                graph.load_condition(cond)
-                loaded.append(graph)
-            return loaded[0](x, r)
-        return step
+    def _graph(self, cond, x: torch.Tensor, r: torch.Tensor, batch: int) -> GraphedStep:
+        """The run's graph, found or captured, with the run's condition loaded (once per run)."""
+        key = (batch, *x.shape[1:])
+        graph = self.graphs.get(key)
+        if graph is None:
+            if self._pool is None and self.device.type == "cuda":
+                self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of a stage's graphs
+            graph = self.graphs[key] = GraphedStep(self._step, pad_rows(x, batch), pad_rows(r, batch),
+                                                   pad_rows(cond, batch), self._pool)
+        graph.load_condition(cond)
+        return graph

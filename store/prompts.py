@@ -144,7 +144,7 @@ def row_problems(columns: Columns, uri: str, first_row: int, table: pa.Table, de
         masks.append((missing, lambda i: f"id {columns.id} is null or empty"))
         if pa.types.is_integer(ids.type):
             masks.append((pc.less(ids, 0), lambda i: f"id {columns.id} is negative"))
-    heights, widths = _sizes(columns, table, defaults)
+    heights, widths = requested_sizes(columns, table, defaults)
     size_problem = _size_problems(heights, widths, check_size)
     masks.append((pa.array(size_problem != None), lambda i: size_problem[i]))  # noqa: E711 - elementwise
     if columns.seed is not None:
@@ -168,7 +168,7 @@ def row_problems(columns: Columns, uri: str, first_row: int, table: pa.Table, de
     return {i: f"{uri} row {first_row + i}: {reason}" for i, reason in sorted(problems.items())}
 
 
-def _sizes(columns: Columns, table: pa.Table, defaults: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def requested_sizes(columns: Columns, table: pa.Table, defaults: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Requested height and width of every row: its own where the row has one, else the spec's."""
     sides = []
     for column, default in ((columns.height, defaults[0]), (columns.width, defaults[1])):
@@ -178,6 +178,12 @@ def _sizes(columns: Columns, table: pa.Table, defaults: tuple[int, int]) -> tupl
             values = pc.fill_null(pc.cast(table.column(column), pa.int64()), default)
             sides.append(values.to_numpy(zero_copy_only=False).astype(np.int64))
     return sides[0], sides[1]
+
+
+def size_keys(heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """One int32 per row that is equal for rows of equal requested size and orders sizes by height, then width
+    (sides outside 1..MAX_SIDE belong to bad rows, which are never planned: they are clipped only to fit)."""
+    return (np.clip(heights, 0, MAX_SIDE) * (MAX_SIDE + 1) + np.clip(widths, 0, MAX_SIDE)).astype(np.int32)
 
 
 def _size_problems(heights: np.ndarray, widths: np.ndarray, check_size) -> np.ndarray:
@@ -204,7 +210,7 @@ def image_rows(spec, uri: str, first_row: int, table: pa.Table, offsets: np.ndar
     prompts = picked.column(columns.prompt).to_pylist()
     negatives = picked.column(columns.negative_prompt).to_pylist() if columns.negative_prompt else [None] * len(rows)
     seeds = picked.column(columns.seed).to_pylist() if columns.seed else [None] * len(rows)
-    heights, widths = _sizes(columns, picked, (spec.height, spec.width))
+    heights, widths = requested_sizes(columns, picked, (spec.height, spec.width))
     position = {row: i for i, row in enumerate(rows)}
     name = file_name(uri)
     images = []

@@ -16,6 +16,7 @@ from pipeline import DecoderPipeline, PriorPipeline
 from pipeline.compile_cache import CompileCache
 from pipeline.compiled import (
     CompileOptions,
+    Denoiser,
     buckets_up_to,
     compile_options,
     condition_batch,
@@ -146,11 +147,75 @@ def test_graphed_steps_load_each_runs_condition(decoder_pair):
     eager, _ = decoder_pair
     graphed = DecoderPipeline(eager.decoder, eager.vqgan, eager.text, eager.latent_dim_scale).compile(AOT_EAGER)
     graphed.denoiser.cuda_graphs = True
-    for n, seed in ((3, 1), (3, 2), (4, 3)):  # the same static buffers each time: batches of 3 and 4 pad to 4
+    # The same static buffers each time (3 and 4 rows pad to 4); the runs of 3 leave the padded row as it was.
+    for n, seed in ((4, 3), (3, 1), (3, 2)):
         prompts = [f"run {seed} prompt {i}" for i in range(n)]
         images = graphed.decode(stage_c_latents(n, seed), prompts, [seed] * n, steps=3)
         assert level_diff(images, eager.decode(stage_c_latents(n, seed), prompts, [seed] * n, steps=3)) <= 1
     assert list(graphed.denoiser.graphs) == [(4, 4, 32, 32)]
+
+
+def latents_of(n: int, side: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 16, *side, generator=torch.Generator().manual_seed(seed))
+
+
+# Latent sizes no other test compiles at: dynamo shares its graphs between the denoisers of one model.
+TALL, WIDE, LARGE = (6, 3), (3, 6), (6, 6)
+
+
+def test_a_tail_batch_pads_into_the_compiled_graph_instead_of_compiling(decoder_pair):
+    """After a batch of 4 compiled the bucket of 4 at a latent size, tail batches of 1 to 3 images run padded in
+    that graph (their images as eager's) and compile nothing; another latent size compiles its own."""
+    eager, _ = decoder_pair
+    tail = DecoderPipeline(eager.decoder, eager.vqgan, eager.text, eager.latent_dim_scale).compile(AOT_EAGER)
+    before = graphs()
+    tail.decode(latents_of(4, TALL), PROMPTS[:4], [0, 1, 2, 3], steps=2)
+    assert graphs() == before + 1 and tail.denoiser.buckets == {(4, 64, 32): {4}}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (1, 2, 3):
+            images = tail.decode(latents_of(n, TALL, n), PROMPTS[:n], list(range(n)), steps=2)
+            assert level_diff(images, eager.decode(latents_of(n, TALL, n), PROMPTS[:n], list(range(n)), steps=2)) <= 1
+    assert graphs() == before + 1 and tail.denoiser.buckets == {(4, 64, 32): {4}}
+    tail.decode(latents_of(1, WIDE), PROMPTS[:1], [5], steps=2)
+    assert graphs() == before + 2 and tail.denoiser.buckets[(4, 32, 64)] == {1}
+
+
+def test_a_smaller_bucket_compiles_once_it_pays_for_itself(decoder_pair):
+    """Batches of 1 padded into the graph of 4 each save 3/4 of a run of it with their own; with
+    compile_smaller_after=2 the third such batch (0.75, 1.5, then 2.25 runs) compiles the bucket of 1, and later
+    batches of 1 run there. With 0, every batch compiles its own bucket (the benchmarks' setting)."""
+    eager, _ = decoder_pair
+    options = CompileOptions(backend="aot_eager", compile_smaller_after=2)
+    paying = DecoderPipeline(eager.decoder, eager.vqgan, eager.text, eager.latent_dim_scale).compile(options)
+    before = graphs()
+    paying.decode(latents_of(4, LARGE), PROMPTS[:4], [0, 1, 2, 3], steps=2)
+    counts = []
+    for seed in range(4):
+        paying.decode(latents_of(1, LARGE, seed), PROMPTS[:1], [seed], steps=2)
+        counts.append(graphs() - before)
+    assert counts == [1, 1, 2, 2] and paying.denoiser.buckets == {(4, 64, 64): {1, 4}}
+    assert paying.denoiser.bucket(2, (4, 64, 64)) == 4  # the bucket of 2 has saved too little yet
+
+    own = Denoiser(eager.decoder, CompileOptions(backend="aot_eager", compile_smaller_after=0))
+    assert [own.bucket(n, (4, 32, 32)) for n in (8, 3, 1, 5)] == [8, 4, 1, 8]
+    assert own.buckets == {(4, 32, 32): {1, 4, 8}}
+
+
+def test_cuda_graphs_only_up_to_their_batch_limit(decoder_pair):
+    """The graph policy decides per bucket: CompileOptions.cuda_graph_max_batch (4 by default, from the H200's
+    measurements) and None for every bucket. On the CPU cuda_graphs is forced on to exercise the bookkeeping."""
+    eager, _ = decoder_pair
+    assert CompileOptions().cuda_graph_max_batch == 4
+    graphed = DecoderPipeline(eager.decoder, eager.vqgan, eager.text, eager.latent_dim_scale).compile(
+        CompileOptions(backend="aot_eager", cuda_graph_max_batch=2, compile_smaller_after=0))
+    graphed.denoiser.cuda_graphs = True
+    assert [graphed.denoiser.captures(b) for b in (1, 2, 4, 8)] == [True, True, False, False]
+    for n in (1, 2, 3):  # buckets 1, 2 and 4: the last one runs compiled without static buffers
+        images = graphed.decode(stage_c_latents(n, n), PROMPTS[:n], list(range(n)), steps=2)
+        assert level_diff(images, eager.decode(stage_c_latents(n, n), PROMPTS[:n], list(range(n)), steps=2)) <= 1
+    assert sorted(graphed.denoiser.graphs) == [(1, 4, 32, 32), (2, 4, 32, 32)]
+    graphed.denoiser.cuda_graph_max_batch = None
+    assert graphed.denoiser.captures(64)
 
 
 def test_stage_b_level_features_are_computed_before_the_steps(decoder_pair):

@@ -327,3 +327,24 @@ def test_a_checkpoint_changed_under_the_same_folder_is_refused_on_resume(ray_loc
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2
     assert "other generation parameters (changed: prior_checkpoint)" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress", "--force"]) == 0
+
+
+def test_a_job_of_two_sizes_runs_full_batches_of_one_size(ray_local, tiny_checkpoints, tmp_path, monkeypatch):
+    """Rows of two sizes, interleaved in the prompt file, reach the models as batches of one size each, all of the
+    configured batch size (4) except each size's last: the planner's read units hold one size each, and each block
+    of a prior batch is one batch. The stages log every model batch (workers.faults' batch_log)."""
+    log = tmp_path / "batches"
+    log.mkdir()
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"batch_log": str(log)}))
+    sides = [128, 256, 128, 256, 128, 256, 128, 256, 128, 256, 128]  # 6 of 128 px, 5 of 256 px
+    prompts = write_prompts(tmp_path / "prompts.parquet", prompts=[f"prompt {i}" for i in range(11)], side=sides)
+    result = run_job(make_spec(tiny_checkpoints, prompts, tmp_path / "out", height_column="side",
+                               width_column="side", prior_steps=2, decoder_steps=2), progress=False)
+    assert result.summary["status"] == {"ok": 11, "failed": 0}
+    batches: dict[tuple, list[int]] = {}
+    for path in log.iterdir():
+        batch = json.loads(path.read_text())
+        assert batch["height"] == batch["width"]
+        batches.setdefault((batch["stage"], batch["height"]), []).append(batch["images"])
+    assert {key: sorted(sizes, reverse=True) for key, sizes in batches.items()} == {
+        ("prior", 128): [4, 2], ("prior", 256): [4, 1], ("decoder", 128): [4, 2], ("decoder", 256): [4, 1]}

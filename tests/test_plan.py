@@ -108,6 +108,26 @@ def test_done_images_are_left_out_and_partial_units_keep_their_offsets(tmp_path,
                                                                          (8, 10, False)]
 
 
+def test_read_units_hold_images_of_one_size(tmp_path, monkeypatch):
+    """With per-row sizes, each unit's pending images are split by requested size (smallest first), done images left
+    out as before; without size columns, a unit stays whole."""
+    monkeypatch.setattr("jobs.plan.UNIT_ROWS", 4)
+    sides = [256, 128, 256, 128, 128, 128, 256]
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(7)], "side": sides}), tmp_path / "p.parquet")
+    spec = spec_for(tmp_path / "p.parquet", images_per_prompt=2, height_column="side", width_column="side")
+    done = pa.table({"prompt_id": [row_id("p.parquet", 1)], "image_index": pa.array([0], pa.int32())})
+    plan = plan_units(spec, scan_inputs(spec, fits), done)
+    units = [(u.start, {image["height"] for image in unit_images(spec, u)}, len(unit_images(spec, u)))
+             for u in plan.units]
+    assert units == [(0, {128}, 3), (0, {256}, 4), (4, {128}, 4), (4, {256}, 2)]
+    assert sorted(images_of(spec, plan)) == sorted({(row_id("p.parquet", r), k) for r in range(7) for k in range(2)}
+                                                   - {(row_id("p.parquet", 1), 0)})
+    one_size = spec_for(tmp_path / "p.parquet", images_per_prompt=2, height_column="side", width_column="side")
+    pq.write_table(pa.table({"prompt": ["a", "b"], "side": [128, 128]}), tmp_path / "p.parquet")
+    assert [u.pending for u in plan_job(one_size, fits).units] == [None]
+    assert [u.pending for u in plan_job(spec_for(tmp_path / "p.parquet"), fits).units] == [None]
+
+
 def test_everything_done_plans_nothing(tmp_path):
     pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "p.parquet")
     spec = spec_for(tmp_path / "p.parquet")

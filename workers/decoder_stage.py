@@ -8,7 +8,7 @@ import ray
 import torch
 
 from .batches import column, group_rows
-from .faults import maybe_kill
+from .faults import maybe_kill, record_batch
 
 
 class DecoderStage:
@@ -25,6 +25,7 @@ class DecoderStage:
         pixels, sizes, generated, seconds = [b""] * n, [[0, 0]] * n, [[0, 0]] * n, [0.0] * n
         spec = self.spec
         for (height, width), rows in group_rows(batch, ("height", "width")).items():
+            record_batch("decoder", height, width, len(rows))
             start = time.perf_counter()
             try:
                 latents = torch.from_numpy(np.stack([

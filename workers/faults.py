@@ -4,7 +4,8 @@ WURSTFABRIK_TEST_FAULTS='{"kill": {"stage": "decoder", "marker": "/tmp/x"}, "fai
 `kill` ends the stage's actor process on its first batch, once per marker file; `fail_encode` makes the
 encoder fail images whose prompt contains the text; `hang` makes the named stage wait forever on its first
 batch; `slow_encode` ({"seconds": s, "log": folder}) makes each encoder task take s seconds and leave a file
-with its start and end times in the folder."""
+with its start and end times in the folder; `batch_log` (a folder) makes the prior and decoder stages leave a
+file per model batch naming the stage, the requested size and the number of images."""
 
 import json
 import os
@@ -49,3 +50,10 @@ def maybe_slow_encoding() -> None:
 def fails_encoding(prompt: str) -> bool:
     text = _faults().get("fail_encode")
     return bool(text) and text in prompt
+
+
+def record_batch(stage: str, height: int, width: int, images: int) -> None:
+    folder = _faults().get("batch_log")
+    if folder:
+        Path(folder, f"{stage}-{uuid.uuid4().hex}.json").write_text(
+            json.dumps({"stage": stage, "height": height, "width": width, "images": images}))

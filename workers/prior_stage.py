@@ -6,7 +6,7 @@ import numpy as np
 import ray
 
 from .batches import column, group_rows
-from .faults import maybe_hang, maybe_kill
+from .faults import maybe_hang, maybe_kill, record_batch
 
 
 class PriorStage:
@@ -26,6 +26,7 @@ class PriorStage:
         truncated, seconds = [False] * n, [0.0] * n
         spec = self.spec
         for (height, width), rows in group_rows(batch, ("height", "width")).items():
+            record_batch("prior", height, width, len(rows))
             start = time.perf_counter()
             try:
                 result = self.pipe([str(batch["prompt"][i]) for i in rows], [int(batch["seed"][i]) for i in rows],
