@@ -277,3 +277,27 @@ def test_a_checkpoint_changed_under_the_same_folder_is_refused_on_resume(ray_loc
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2
     assert "other generation parameters (changed: prior_checkpoint)" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress", "--force"]) == 0
+
+
+def test_a_fused_placement_makes_the_same_images_as_two_pools(ray_local, tiny_checkpoints, tmp_path):
+    """One pool whose actors hold both halves (the decoder in slices of decoder_batch_size) against the two
+    pools; the run record names the operators that ran, with their busy and backpressure seconds."""
+    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS[:4])
+    digests, dataflow = {}, {}
+    for fused in (False, True):
+        out = tmp_path / f"out-{'fused' if fused else 'two-pools'}"
+        placement = {"fused": True, "decoder_cpus": 1.0} if fused else {}
+        spec = make_spec(tiny_checkpoints, prompts, out, placement={**placement, "decoder_batch_size": 2})
+        result = run_job(spec, progress=False)
+        assert result.exit_code == 0 and result.summary["status"] == {"ok": 4, "failed": 0}
+        digests[fused] = {key: row["sha256"] for key, row in ok_rows(open_output(str(out))).items()}
+        dataflow[fused] = read_runs(open_output(str(out)))[-1]["dataflow"]
+    assert len(digests[True]) == 4 and digests[True] == digests[False]
+    stages = {fused: [name for name in ops if "Stage" in name] for fused, ops in dataflow.items()}
+    assert [s.split("(")[-1] for s in stages[True]] == ["FusedStage)"], stages
+    assert [s.split("(")[-1] for s in stages[False]] == ["PriorStage)", "DecoderStage)"], stages
+    for ops in dataflow.values():
+        for name in (*stages[True], *stages[False]):
+            if name in ops:
+                assert ops[name]["busy_s"] > 0 and ops[name]["rows"] == 4 and ops[name]["ended"] > 0
+                assert ops[name]["output_backpressure_s"] >= 0
