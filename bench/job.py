@@ -158,16 +158,17 @@ def encoder_backlog(dataflow: dict | None) -> dict:
     start, how many cores they kept busy, and how long they ran on after the decoder's last batch."""
     if not dataflow:
         return {"held_back": None, "note": "no dataflow stats in the run record"}
-    decoder = next((v for k, v in dataflow.items() if "DecoderStage" in k or "FusedStage" in k), None)
-    encoder_name = next((k for k in dataflow if "encode_images" in k), None)
-    if decoder is None or encoder_name is None:
-        return {"held_back": None, "note": f"operators not found in {sorted(dataflow)}"}
-    encoder = dataflow[encoder_name]
+    decoder = next((op for op in dataflow if "DecoderStage" in op["operator"] or "FusedStage" in op["operator"]),
+                   None)
+    encoder = next((op for op in dataflow if "encode_images" in op["operator"]), None)
+    if decoder is None or encoder is None:
+        return {"held_back": None, "note": f"operators not found in {[op['operator'] for op in dataflow]}"}
     span = (encoder["ended"] or 0) - (encoder["started"] or 0)
     held = decoder["output_backpressure_s"]
     return {"held_back": None if held is None else held >= HELD_BACK_S, "decoder_output_backpressure_s": held,
             "decoder_submission_backpressure_s": decoder["submission_backpressure_s"],
-            "encoder_operator": encoder_name, "encoder_busy_s": encoder["busy_s"], "encoder_tasks": encoder["tasks"],
+            "encoder_operator": encoder["operator"], "encoder_busy_s": encoder["busy_s"],
+            "encoder_tasks": encoder["tasks"],
             "encoder_cores_busy": round(encoder["busy_s"] / span, 2) if encoder["busy_s"] and span > 0 else None,
             "encoder_mean_wait_s": encoder["mean_scheduling_s"],
             "encoder_after_decoder_s": round(encoder["ended"] - decoder["ended"], 3)
@@ -199,6 +200,11 @@ def job(name: str, spec: JobSpec, n: int) -> dict:
     if result.exit_code:
         row["note"] = f"exit code {result.exit_code}: {result.message}"
     return row
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1][:300] if text else ""
 
 
 def _interrupt(*_) -> None:
@@ -302,9 +308,14 @@ def main(argv=None) -> dict:
             pq.write_table(pa.table({"prompt": texts}), prompt_file)
 
             start = time.perf_counter()
-            result["bare"] = bare(prior, decoder, texts, args)
-            print(f"  {'bare pipeline':28s} {result['bare']['images_per_s']:8.3f} images/s (steady "
-                  f"{result['bare']['steady_images_per_s']:.3f})  {result['bare']['wall_s']:7.1f} s", flush=True)
+            try:
+                result["bare"] = bare(prior, decoder, texts, args)
+                print(f"  {'bare pipeline':28s} {result['bare']['images_per_s']:8.3f} images/s (steady "
+                      f"{result['bare']['steady_images_per_s']:.3f})  {result['bare']['wall_s']:7.1f} s", flush=True)
+            except Exception as e:  # the job rows still say what they can without it
+                result["bare"] = None
+                result["bare_note"] = f"failed: {type(e).__name__}: {_first_line(e)}"
+                print(f"  {'bare pipeline':28s} {result['bare_note']}", flush=True)
             write()
             row_s = time.perf_counter() - start  # a job row takes at least as long as the bare run
 
@@ -314,8 +325,14 @@ def main(argv=None) -> dict:
                 if skipped(name, guess):
                     return None
                 began = time.perf_counter()
-                row = job(name, job_spec(prior, decoder, prompt_file, work / name, args, fused, image_format, cache),
-                          len(texts))
+                try:
+                    row = job(name, job_spec(prior, decoder, prompt_file, work / name, args, fused, image_format,
+                                             cache), len(texts))
+                except Exception as e:  # a row that fails (out of memory, a compile error) is a result too
+                    result["rows"].append({"row": name, "note": f"failed: {type(e).__name__}: {_first_line(e)}"})
+                    print(f"  {name:28s} {result['rows'][-1]['note']}", flush=True)
+                    write()
+                    return None
                 row_s = max(row_s, time.perf_counter() - began) if not cache else row_s
                 report(row)
                 if row["exit_code"] > 128:  # interrupted (the suite's timeout): no further rows

@@ -32,7 +32,8 @@ def test_dry_run_writes_every_part_and_prints_the_summary(tmp_path):
         encoders = row["encoders"]
         assert encoders["held_back"] in (True, False) and encoders["encoder_busy_s"] > 0, encoders
         assert encoders["decoder_output_backpressure_s"] >= 0
-        assert any(("FusedStage" if row["placement"] == "fused" else "DecoderStage") in op for op in row["dataflow"])
+        assert any(("FusedStage" if row["placement"] == "fused" else "DecoderStage") in op["operator"]
+                   for op in row["dataflow"])
     assert rows[f"{faster} jpeg"]["format"] == "jpeg"
 
     summary = (results / "summary.md").read_text()
