@@ -33,7 +33,7 @@ if [ "$dry" = 1 ]; then
     gpu_s=${GPU_SUITE_GPU_S:-240}
     job_s=${GPU_SUITE_JOB_S:-300}
     gpu_args=(--dry-run --batches 2)
-    job_args=(--dry-run --no-compile)
+    job_args=(--dry-run)
 else
     gpu_s=${GPU_SUITE_GPU_S:-250}
     job_s=${GPU_SUITE_JOB_S:-260}

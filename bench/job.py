@@ -1,17 +1,19 @@
 """The job against the bare pipeline on one machine, in one run: the same prompts through the whole job (a local
 Ray, Ray Data's chain, encoders, writers, manifest) and through the bare pipeline in one process, on the same
 device, checkpoint and settings. Per job: images/s, per-stage busy seconds, and whether the encoders held the
-decoder back; for both placements (two actor pools, or one fused pool), PNG and JPEG, and compiled with an empty
-compile cache and then a warm one (the second run's actors load what the first compiled).
+decoder back; for both placements (two actor pools, or one fused pool) and for PNG and JPEG. Compiled (the
+default on cuda), all rows share one compile cache: the first job row compiles with it empty (cold), the next
+row's new actors load what it kept (warm), and the bare run restores it too.
 
     python bench/job.py                               # tiny random checkpoint, 256², on cuda if there is one
     python bench/job.py --full --device cuda          # the published sizes with random weights at 1024²
-    python bench/job.py --dry-run --out job.json      # all of it on the CPU at tiny sizes, in a few minutes
+    python bench/job.py --dry-run --out job.json      # all of it on the CPU at tiny sizes, eager
 
 --full builds the published architecture sizes with random weights (bench/pipeline.py's builders) and saves them
-once to --checkpoint-dir, which later runs reuse; nothing is downloaded. Rows run in order of importance: bare,
-each placement (PNG), each further format with the faster placement, then compile cold and warm; a row that
-would not fit in --budget-s is skipped and says so. The JSON is rewritten after every row.
+once to --checkpoint-dir, which later runs reuse; nothing is downloaded. Rows run in order of importance: each
+placement with the first format, the bare pipeline, then the other formats with the faster placement; a row that
+would not fit in --budget-s (judged by the longest row after the first) is skipped and says so. The JSON is
+rewritten after every row.
 """
 
 import sys
@@ -44,6 +46,7 @@ import torch  # noqa: E402
 from jobs.driver import run_job  # noqa: E402
 from jobs.spec import JobSpec  # noqa: E402
 from pipeline import WuerstchenPipeline  # noqa: E402
+from pipeline.compile_cache import CompileCache  # noqa: E402
 from pipeline.tiny import write_tiny_checkpoints  # noqa: E402
 from store.encoding import encode_image  # noqa: E402
 from store.manifest import read_manifest  # noqa: E402
@@ -55,7 +58,6 @@ SUBJECTS = ("a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a s
 STYLES = ("watercolor", "oil painting", "photo at dusk", "pixel art", "pencil sketch", "isometric render")
 PLACEMENTS = {"two-pools": False, "fused": True}
 HELD_BACK_S = 1.0  # the decoder's finished batches waited this long in all for room downstream: held back
-COLD_COMPILE_GUESS_S = {"cuda": 120.0, "cpu": 240.0}  # both stages, until a cold compile is measured
 
 
 def prompts(n: int) -> list[str]:
@@ -97,11 +99,16 @@ def checkpoints(args, work: Path) -> tuple[Path, Path, str]:
     return folder / "prior", folder / "decoder", f"published sizes, random weights ({folder})"
 
 
-def bare(prior: Path, decoder: Path, texts: list[str], args) -> dict:
+def bare(prior: Path, decoder: Path, texts: list[str], args, cache: Path | None) -> dict:
     """The pipeline in this process: load, then batches of --batch, each image encoded as the job's first format;
-    steady images/s leaves out the first batch (warm-up)."""
+    steady images/s leaves out the first batch (warm-up). Compiled, it first restores what the job's actors
+    kept in `cache`, as a job's actor would."""
     start = time.perf_counter()
-    pipe = WuerstchenPipeline.from_pretrained(prior, decoder, device=args.device, dtype=args.dtype, compile=False)
+    if cache is not None:
+        for stage in ("prior", "decoder"):
+            CompileCache(cache / stage).restore()
+    pipe = WuerstchenPipeline.from_pretrained(prior, decoder, device=args.device, dtype=args.dtype,
+                                              compile=cache is not None)
     loaded = time.perf_counter()
     batch_s = []
     for i in range(0, len(texts), args.batch):
@@ -233,7 +240,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--placements", default="two-pools,fused", help="comma-separated: two-pools, fused")
     parser.add_argument("--formats", default="png,jpeg", help="comma-separated image formats (the first for all "
                                                                   "placements, the others with the faster one)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the compile cold and warm rows")
+    parser.add_argument("--compile", choices=["on", "off"],
+                        help="compile every row, sharing one compile cache: the first job row compiles (cold), the "
+                             "others and the bare run load what it kept (warm). Default: on for cuda, off for cpu")
     parser.add_argument("--budget-s", type=float, default=1e9, help="seconds for the whole run; rows that would "
                                                                     "not fit are skipped (default: no limit)")
     parser.add_argument("--out", type=Path, help="JSON file of the results, rewritten after every row")
@@ -255,6 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch = args.batch or 8
     args.decoder_steps = args.decoder_steps or 12
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
+    args.compile = (args.compile or ("on" if args.device.type == "cuda" else "off")) == "on"
     if min(args.prompts, args.batch, args.height) < 1:
         parser.error("--prompts, --batch and --height must be positive")
     return args
@@ -272,7 +282,8 @@ def main(argv=None) -> dict:
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "torch": torch.__version__, "dry_run": args.dry_run, "prompts": args.prompts, "height": args.height,
               "batch": args.batch, "prior_steps": args.prior_steps or "default (30)",
-              "decoder_steps": args.decoder_steps, "dtype": str(args.dtype).removeprefix("torch."), "rows": []}
+              "decoder_steps": args.decoder_steps, "dtype": str(args.dtype).removeprefix("torch."),
+              "compile": args.compile, "rows": []}
     print(f"device {args.device}{f' ({gpu})' if gpu else ''}, {result['machine']}, torch {torch.__version__}, "
           f"{args.prompts} prompts at {args.height}², batch {args.batch}", flush=True)
 
@@ -285,7 +296,10 @@ def main(argv=None) -> dict:
         if budget.left() >= needs_s:
             return False
         note = f"skipped: needs about {needs_s:.0f} s, {max(budget.left(), 0):.0f} s of the budget left"
-        result["rows"].append({"row": name, "note": note})
+        if name == "bare pipeline":
+            result["bare_note"] = note
+        else:
+            result["rows"].append({"row": name, "note": note})
         print(f"  {name:28s} {note}", flush=True)
         write()
         return True
@@ -307,22 +321,12 @@ def main(argv=None) -> dict:
             prompt_file = work / "prompts.parquet"
             pq.write_table(pa.table({"prompt": texts}), prompt_file)
 
-            start = time.perf_counter()
-            try:
-                result["bare"] = bare(prior, decoder, texts, args)
-                print(f"  {'bare pipeline':28s} {result['bare']['images_per_s']:8.3f} images/s (steady "
-                      f"{result['bare']['steady_images_per_s']:.3f})  {result['bare']['wall_s']:7.1f} s", flush=True)
-            except Exception as e:  # the job rows still say what they can without it
-                result["bare"] = None
-                result["bare_note"] = f"failed: {type(e).__name__}: {_first_line(e)}"
-                print(f"  {'bare pipeline':28s} {result['bare_note']}", flush=True)
-            write()
-            row_s = time.perf_counter() - start  # a job row takes at least as long as the bare run
+            cache = work / "compile-cache" if args.compile else None
+            row_s = 0.0  # the longest row after the first: what the next row is expected to take
 
-            def run(name: str, fused: bool, image_format: str, cache: Path | None = None) -> dict | None:
+            def run(name: str, fused: bool, image_format: str) -> dict | None:
                 nonlocal row_s
-                guess = row_s + (COLD_COMPILE_GUESS_S[args.device.type] if cache and not cache.exists() else 0)
-                if skipped(name, guess):
+                if skipped(name, row_s):
                     return None
                 began = time.perf_counter()
                 try:
@@ -333,24 +337,31 @@ def main(argv=None) -> dict:
                     print(f"  {name:28s} {result['rows'][-1]['note']}", flush=True)
                     write()
                     return None
-                row_s = max(row_s, time.perf_counter() - began) if not cache else row_s
+                row_s = max(row_s, time.perf_counter() - began) if result["rows"] else row_s
                 report(row)
                 if row["exit_code"] > 128:  # interrupted (the suite's timeout): no further rows
                     raise KeyboardInterrupt
                 return row
 
+            # The first job row compiles with an empty cache (cold); every later one, and the bare run, loads
+            # what it kept (warm).
             measured = [run(f"{p} {args.formats[0]}", PLACEMENTS[p], args.formats[0]) for p in args.placements]
+            if not skipped("bare pipeline", row_s):
+                try:
+                    result["bare"] = bare(prior, decoder, texts, args, cache)
+                    print(f"  {'bare pipeline':28s} {result['bare']['images_per_s']:8.3f} images/s (steady "
+                          f"{result['bare']['steady_images_per_s']:.3f})  {result['bare']['wall_s']:7.1f} s",
+                          flush=True)
+                except Exception as e:  # the job rows still say what they can without it
+                    result["bare_note"] = f"failed: {type(e).__name__}: {_first_line(e)}"
+                    print(f"  {'bare pipeline':28s} {result['bare_note']}", flush=True)
+                write()
             measured = [r for r in measured if r and r.get("steady_images_per_s")]
             faster = max(measured, key=lambda r: r["steady_images_per_s"])["placement"] if measured \
                 else args.placements[0]
             result["faster_placement"] = faster if len(measured) > 1 else None
             for image_format in args.formats[1:]:
                 run(f"{faster} {image_format}", PLACEMENTS[faster], image_format)
-            if not args.no_compile:
-                cache = work / "compile-cache"
-                cold = run(f"{faster} compiled, cache cold", PLACEMENTS[faster], args.formats[0], cache)
-                if cold:
-                    run(f"{faster} compiled, cache warm", PLACEMENTS[faster], args.formats[0], cache)
     except KeyboardInterrupt:
         result["interrupted"] = True
         print("interrupted: the rows so far are kept", flush=True)
@@ -372,11 +383,13 @@ def summarize(result: dict) -> None:
     for row in result["rows"]:
         if row.get("steady_images_per_s") and bare_rate:
             row["steady_ratio_to_bare"] = round(row["steady_images_per_s"] / bare_rate, 3)
-    compiled = {r["row"].rsplit(" ", 1)[-1]: r for r in result["rows"] if "compiled" in r["row"] and "ok" in r}
-    if compiled:
+    measured = [r for r in result["rows"] if r.get("ok")]
+    if result["compile"] and measured:
+        # The first job row's actors compiled; the next row's (new actors, same cache) loaded what they kept.
         result["compile_cache"] = {
-            temperature: {stage: {k: row[stage][k] for k in ("first_batch_s", "median_batch_s")}
-                          for stage in ("prior", "decoder")} for temperature, row in compiled.items()}
+            temperature: {"row": row["row"], **{stage: {k: row[stage][k] for k in ("first_batch_s", "median_batch_s")}
+                                                 for stage in ("prior", "decoder")}}
+            for temperature, row in zip(("cold", "warm"), measured[:2], strict=False)}
 
 
 def print_table(result: dict) -> None:
@@ -395,9 +408,11 @@ def print_table(result: dict) -> None:
         print(f"{row['row']:30s} {row['images_per_s']:9.3f} {row['steady_images_per_s'] or 0:8.3f} "
               f"{row.get('steady_ratio_to_bare') or 0:7.2f} {row['prior']['busy_s'] or 0:8.1f} "
               f"{row['decoder']['busy_s'] or 0:9.1f} {'-' if enc is None else 'yes' if enc else 'no':>9s}")
+    if result.get("bare_note"):
+        print(f"{'bare pipeline':30s}  {result['bare_note']}")
     for temperature, stages in (result.get("compile_cache") or {}).items():
-        print(f"compile cache {temperature}: first batch s prior {stages['prior']['first_batch_s']}, decoder "
-              f"{stages['decoder']['first_batch_s']} (median batch {stages['prior']['median_batch_s']}, "
+        print(f"compile cache {temperature} ({stages['row']}): first batch s prior {stages['prior']['first_batch_s']}, "
+              f"decoder {stages['decoder']['first_batch_s']} (median batch {stages['prior']['median_batch_s']}, "
               f"{stages['decoder']['median_batch_s']})")
 
 
