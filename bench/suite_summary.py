@@ -38,7 +38,7 @@ def gpu_lines(gpu: dict) -> list[str]:
 def job_lines(job: dict) -> list[str]:
     lines = [f"### bench/job.py: {job.get('gpu') or job.get('device')}, {job.get('height')}², "
              f"{job.get('prompts')} prompts, batch {job.get('batch')}", "",
-             "| run | images/s | steady images/s | steady × bare | prior busy s | decoder busy s | GPU busy | "
+             "| run | images/s | steady images/s | steady × bare | prior busy s | decoder busy s | busy ÷ elapsed | "
              "encoders held the decoder back |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     bare = job.get("bare")
     if bare:
@@ -54,9 +54,9 @@ def job_lines(job: dict) -> list[str]:
             f"{'yes' if held else 'no'} ({enc['decoder_output_backpressure_s']} s waiting; encoders busy "
             f"{enc.get('encoder_cores_busy')} cores, ended {enc.get('encoder_after_decoder_s')} s after it)")
         num = [r.get("steady_images_per_s"), r.get("steady_ratio_to_bare"), r["prior"]["busy_s"],
-               r["decoder"]["busy_s"], r.get("gpu_busy_fraction")]
+               r["decoder"]["busy_s"], r.get("stage_busy_over_elapsed")]
         lines.append(f"| {r['row']} | {r['images_per_s']:.3f} | "
-                     + " | ".join("-" if v is None else f"{v:.3f}" if i < 2 else f"{v:.1f}" if i < 4 else f"{v:.0%}"
+                     + " | ".join("-" if v is None else f"{v:.3f}" if i < 2 else f"{v:.1f}" if i < 4 else f"{v:.2f}"
                                   for i, v in enumerate(num)) + f" | {verdict} |")
     if job.get("faster_placement"):
         lines += ["", f"faster placement: {job['faster_placement']}"]
