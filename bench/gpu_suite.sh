@@ -8,8 +8,9 @@
 #   bash bench/gpu_suite.sh --dry-run RESULTS_DIR    # all of it on the CPU at tiny sizes (the test suite runs it)
 #
 # Limits per part in seconds (the part's own budget is 30 s less, so it ends by itself and writes its JSON):
-# GPU_SUITE_GPU_S (default 250) and GPU_SUITE_JOB_S (default 260). --full checkpoints are written once to
-# GPU_SUITE_CHECKPOINTS (default ${TMPDIR:-/tmp}/wurstfabrik-bench-full) and reused by later runs.
+# GPU_SUITE_GPU_S (default 230) and GPU_SUITE_JOB_S (default 260); with `timeout`'s 20 s of grace each, 9 minutes
+# at most. --full checkpoints are written once to GPU_SUITE_CHECKPOINTS (default
+# ${TMPDIR:-/tmp}/wurstfabrik-bench-full) and reused by later runs, which saves the job part ~20 s.
 set -u -o pipefail
 
 dry=0
@@ -35,7 +36,7 @@ if [ "$dry" = 1 ]; then
     gpu_args=(--dry-run --batches 2)
     job_args=(--dry-run)
 else
-    gpu_s=${GPU_SUITE_GPU_S:-250}
+    gpu_s=${GPU_SUITE_GPU_S:-230}
     job_s=${GPU_SUITE_JOB_S:-260}
     gpu_args=(--batches 8,16)
     job_args=(--full --device cuda --prompts 24 --batch 8
