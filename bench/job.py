@@ -30,6 +30,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -86,8 +87,6 @@ def checkpoints(args, work: Path) -> tuple[Path, Path, str]:
         start = time.perf_counter()
         staging = folder.with_name(folder.name + ".partial")
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging)
         write_full_checkpoints(*tiny, staging, args.device if args.device.type == "cuda" else torch.device("cpu"),
                                torch.bfloat16)
