@@ -31,7 +31,7 @@ log="$dir/suite.log"
 : >"$log"
 
 if [ "$dry" = 1 ]; then
-    gpu_s=${GPU_SUITE_GPU_S:-300}
+    gpu_s=${GPU_SUITE_GPU_S:-420}
     job_s=${GPU_SUITE_JOB_S:-600}  # generous: a shared 2-core test machine starts Ray slowly
     gpu_args=(--dry-run --batches 2)
     job_args=(--dry-run)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_dry_run_writes_every_part_and_prints_the_summary(tmp_path):
     results = tmp_path / "results"
     done = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run", str(results)], cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
 
     gpu = json.loads((results / "gpu.json").read_text())
