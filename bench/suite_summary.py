@@ -44,6 +44,8 @@ def job_lines(job: dict) -> list[str]:
     if bare:
         lines.append(f"| bare pipeline | {bare['images_per_s']:.3f} | {bare['steady_images_per_s']:.3f} | 1.00 "
                      "| | | | |")
+    elif job.get("bare_note"):
+        lines.append(f"| bare pipeline | {job['bare_note']} | | | | | | |")
     for r in job.get("rows", []):
         if "images_per_s" not in r:
             lines.append(f"| {r['row']} | {r.get('note')} | | | | | | |")
