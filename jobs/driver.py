@@ -43,6 +43,7 @@ from workers.decoder_stage import DecoderStage
 from workers.encoder_stage import encode_images
 from workers.faults import FAULTS_ENV
 from workers.fp8_probe import fp8_gpu_problem
+from workers.fused_stage import FusedStage
 from workers.models import StageModels
 from workers.prior_stage import PriorStage
 from workers.reader_stage import read_unit
@@ -50,6 +51,7 @@ from workers.shard_numbers import ShardNumbers
 from workers.writer_stage import write_images
 
 from .claim import Claim, claim_output, now, submission_id
+from .dataflow_stats import operator_stats
 from .exit_codes import EXIT_DONE, EXIT_INCOMPLETE, EXIT_REFUSED, storage_exit
 from .plan import Plan, Scan, plan_units, scan_inputs
 from .provenance import checkpoint_identity, job_id, job_params, sample_provenance, wurstfabrik_version
@@ -169,20 +171,21 @@ def ray_job_name() -> str | None:
 
 def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tuple[float, float],
                   shard_numbers) -> ray.data.Dataset:
-    """The whole dataflow: read tasks, two GPU actor pools, then CPU encoders and writers."""
+    """The whole dataflow: read tasks, two GPU actor pools (or one fused pool), then CPU encoders and writers."""
     place = spec.placement
     settings = getattr(output, "settings", None)
     env = {FAULTS_ENV: os.environ[FAULTS_ENV]} if os.environ.get(FAULTS_ENV) else {}
     runtime_env = {"env_vars": env} if env else None
-    actor_args = {"max_restarts": place.max_restarts, "max_task_retries": place.max_task_retries}
+    models = StageModels.from_job(job.params, job.geometry, settings)
+    actor_args = {"max_restarts": place.max_restarts, "max_task_retries": place.max_task_retries,
+                  "fn_constructor_kwargs": {"spec": spec, "models": models}, "runtime_env": runtime_env}
     # Ray 2.60 has no named parameter for actor restarts; its generic remote args warn of deprecation.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     writers = ray.data.TaskPoolStrategy(size=place.writer_concurrency)
-    models = StageModels.from_job(job.params, job.geometry, settings)
     job_info = {"job_id": job.job_id, "run_id": job.run_id, "params": json.dumps(spec.sampler_params(),
                                                                                   sort_keys=True),
                 "provenance": sample_provenance(job.params, job.job_id)}
-    encoded = (
+    rows = (
         ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units)))
         .flat_map(read_unit, fn_kwargs={"spec": spec, "settings": settings}, num_cpus=READ_CPUS,
                   runtime_env=runtime_env)
@@ -191,24 +194,24 @@ def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tup
         # images of one size (jobs.plan), and each block is one batch (batch_size=None): a batch filled up from the
         # next block could mix sizes, which the stages would run as two part-empty model batches.
         .repartition(target_num_rows_per_block=place.prior_batch_size)
-        .map_batches(PriorStage, fn_constructor_kwargs={"spec": spec, "models": models},
-                     batch_size=None,
-                     compute=ray.data.ActorPoolStrategy(size=place.prior_actors), num_gpus=gpus[0],
-                     num_cpus=place.prior_cpus, resources=place.prior_resources or None, runtime_env=runtime_env,
-                     **actor_args)
-        .map_batches(DecoderStage, fn_constructor_kwargs={"spec": spec, "models": models},
-                     # the prior's batches as they are when their sizes agree (one image size each)
-                     batch_size=None if place.decoder_batch_size == place.prior_batch_size else
-                     place.decoder_batch_size,
-                     compute=ray.data.ActorPoolStrategy(size=place.decoder_actors), num_gpus=gpus[1],
-                     num_cpus=place.decoder_cpus, resources=place.decoder_resources or None,
-                     runtime_env=runtime_env, **actor_args)
-        # Ray's default scheduling puts a task where its input block is: encoding runs beside the decoder that
-        # made the pixels (when that node has a free CPU), so only compressed images cross the network.
-        .map_batches(encode_images, fn_kwargs={"image_format": spec.format, "quality": spec.quality},
-                     batch_size=None, num_cpus=place.writer_cpus, compute=writers, scheduling_strategy="DEFAULT",
-                     runtime_env=runtime_env)
     )
+    prior_pool = dict(batch_size=None, compute=ray.data.ActorPoolStrategy(size=place.prior_actors),
+                      num_gpus=gpus[0], num_cpus=place.prior_cpus, resources=place.prior_resources or None,
+                      **actor_args)
+    if place.fused:  # one pool whose actors run each batch through the prior and then the decoder
+        decoded = rows.map_batches(FusedStage, **prior_pool)
+    else:
+        decoded = rows.map_batches(PriorStage, **prior_pool).map_batches(
+            # the prior's batches as they are when their sizes agree (one image size each)
+            DecoderStage, batch_size=None if place.decoder_batch_size == place.prior_batch_size else
+            place.decoder_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=place.decoder_actors), num_gpus=gpus[1],
+            num_cpus=place.decoder_cpus, resources=place.decoder_resources or None, **actor_args)
+    # Ray's default scheduling puts a task where its input block is: encoding runs beside the decoder that made
+    # the pixels (when that node has a free CPU), so only compressed images cross the network.
+    encoded = decoded.map_batches(encode_images, fn_kwargs={"image_format": spec.format, "quality": spec.quality},
+                                  batch_size=None, num_cpus=place.writer_cpus, compute=writers,
+                                  scheduling_strategy="DEFAULT", runtime_env=runtime_env)
     if job.output_format.batch_size:
         # A shard format writes one shard per block: blocks of exactly shard_size encoded images (the last one
         # smaller), gathered after encoding, so a writer never holds a shard's raw pixels.
@@ -366,6 +369,7 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                     with supervisor.critical():
                         _compact_quietly(output)
                     last_compact = time.monotonic()
+        run.record["dataflow"] = operator_stats(dataset)
     finally:
         watchdog.done.set()
 

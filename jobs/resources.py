@@ -29,10 +29,13 @@ class Demand:
 def stage_gpus(placement, cluster: ClusterShape) -> tuple[float, float]:
     """GPUs per prior and per decoder actor: as the spec asks, or (auto) a whole GPU each where the cluster has
     (or its autoscaler can add) a GPU per actor, an equal share of the GPUs there are where it has fewer (both
-    stages on one GPU: 0.5 each), and none on a cluster without GPUs."""
+    stages on one GPU: 0.5 each), and none on a cluster without GPUs. Fused actors hold both stages: their GPUs
+    come first, and the decoder gets none of its own."""
     gpus = cluster.total("GPU")
-    actors = placement.prior_actors + placement.decoder_actors
+    actors = placement.prior_actors + (0 if placement.fused else placement.decoder_actors)
     share = 0.0 if not gpus else 1.0 if gpus >= actors else min(1.0, _gpu_fraction(gpus / actors))
+    if placement.fused:
+        return (share if placement.prior_gpus is None else placement.prior_gpus, 0.0)
     return (share if placement.prior_gpus is None else placement.prior_gpus,
             share if placement.decoder_gpus is None else placement.decoder_gpus)
 
@@ -43,17 +46,24 @@ def _gpu_fraction(share: float) -> float:
 
 
 def demands(placement, prior_gpus: float, decoder_gpus: float) -> list[Demand]:
-    """Everything that must run at once for images to flow: both actor pools, and one each of the tasks."""
+    """Everything that must run at once for images to flow: both actor pools (or the one fused pool), and one
+    each of the tasks."""
     def actor(cpus, gpus, resources):
         return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **resources}
 
+    if placement.fused:
+        actors = [Demand("fused actor", placement.prior_actors, actor(placement.prior_cpus, prior_gpus,
+                                                                      placement.prior_resources),
+                         "placement.prior_actors, prior_cpus, prior_gpus, prior_resources (fused)")]
+    else:
+        actors = [Demand("prior actor", placement.prior_actors, actor(placement.prior_cpus, prior_gpus,
+                                                                      placement.prior_resources),
+                         "placement.prior_actors, prior_cpus, prior_gpus, prior_resources"),
+                  Demand("decoder actor", placement.decoder_actors, actor(placement.decoder_cpus, decoder_gpus,
+                                                                          placement.decoder_resources),
+                         "placement.decoder_actors, decoder_cpus, decoder_gpus, decoder_resources")]
     return [
-        Demand("prior actor", placement.prior_actors, actor(placement.prior_cpus, prior_gpus,
-                                                            placement.prior_resources),
-               "placement.prior_actors, prior_cpus, prior_gpus, prior_resources"),
-        Demand("decoder actor", placement.decoder_actors, actor(placement.decoder_cpus, decoder_gpus,
-                                                                placement.decoder_resources),
-               "placement.decoder_actors, decoder_cpus, decoder_gpus, decoder_resources"),
+        *actors,
         Demand("read task", 1, {"CPU": READ_CPUS}, "(fixed)"),
         Demand("encoder task", 1, {"CPU": placement.writer_cpus}, "placement.writer_cpus"),
         Demand("writer task", 1, {"CPU": placement.writer_cpus}, "placement.writer_cpus"),

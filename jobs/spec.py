@@ -115,6 +115,21 @@ class Placement(_Frozen):
     """Restarts of a stage actor that dies (-1: without limit)."""
     max_task_retries: StrictInt = Field(-1, ge=-1)
     """Retries of a batch after its worker dies (-1: for as long as the actor can be restarted)."""
+    fused: StrictBool = False
+    """One actor pool instead of two: each actor holds the prior and the decoder and runs a batch through the one
+    and then the other, so a GPU is not time-sliced between two processes. Its actors take prior_actors, prior_cpus,
+    prior_gpus (auto: a whole GPU each) and prior_resources; decoder_batch_size still sets the decoder's batches
+    inside an actor. The images are the same."""
+
+    @model_validator(mode="after")
+    def _fused_takes_the_prior_fields(self) -> Placement:
+        if self.fused:
+            unused = [name for name, default in (("decoder_actors", 1), ("decoder_gpus", None), ("decoder_cpus", 1.0),
+                                                 ("decoder_resources", {})) if getattr(self, name) != default]
+            if unused:
+                raise ValueError(f"fused actors take prior_actors, prior_cpus, prior_gpus and prior_resources; "
+                                 f"{', '.join(unused)} only apply to two pools: remove them or set fused: false")
+        return self
 
     @field_validator("prior_gpus", "decoder_gpus")
     @classmethod

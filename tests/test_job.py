@@ -348,3 +348,28 @@ def test_a_job_of_two_sizes_runs_full_batches_of_one_size(ray_local, tiny_checkp
         batches.setdefault((batch["stage"], batch["height"]), []).append(batch["images"])
     assert {key: sorted(sizes, reverse=True) for key, sizes in batches.items()} == {
         ("prior", 128): [4, 2], ("prior", 256): [4, 1], ("decoder", 128): [4, 2], ("decoder", 256): [4, 1]}
+
+
+def test_a_fused_placement_makes_the_same_images_as_two_pools(ray_local, tiny_checkpoints, tmp_path):
+    """One pool whose actors hold both halves (the decoder in slices of decoder_batch_size) against the two
+    pools; the run record names the operators that ran, with their busy and backpressure seconds."""
+    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS[:4])
+    digests, dataflow = {}, {}
+    for fused in (False, True):
+        out = tmp_path / f"out-{'fused' if fused else 'two-pools'}"
+        placement = {"fused": True, "decoder_cpus": 1.0} if fused else {}
+        spec = make_spec(tiny_checkpoints, prompts, out, placement={**placement, "decoder_batch_size": 2})
+        result = run_job(spec, progress=False)
+        assert result.exit_code == 0 and result.summary["status"] == {"ok": 4, "failed": 0}
+        digests[fused] = {key: row["sha256"] for key, row in ok_rows(open_output(str(out))).items()}
+        dataflow[fused] = read_runs(open_output(str(out)))[-1]["dataflow"]
+    assert len(digests[True]) == 4 and digests[True] == digests[False]
+    stages = {fused: [op["operator"] for op in ops if "Stage" in op["operator"]] for fused, ops in dataflow.items()}
+    assert stages == {True: ["MapBatches(FusedStage)"],
+                      False: ["MapBatches(PriorStage)", "MapBatches(DecoderStage)"]}, stages
+    for ops in dataflow.values():
+        assert "encode_images" in ops[-1]["operator"]  # in dataflow order, the encoders (with the writers) last
+        for op in ops:
+            if "Stage" in op["operator"]:
+                assert op["busy_s"] > 0 and op["rows"] == 4 and op["ended"] > op["started"] > 0, op
+                assert op["output_backpressure_s"] >= 0 and op["submission_backpressure_s"] >= 0

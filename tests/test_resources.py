@@ -49,6 +49,24 @@ def test_automatic_gpus_share_what_the_cluster_has(gpus, actors, expected):
     assert stage_gpus(Placement(prior_gpus=0.25), cluster)[0] == 0.25  # as asked, whatever the cluster
 
 
+@pytest.mark.parametrize("gpus, actors, expected", [(0, 1, 0.0), (1, 1, 1.0), (1, 2, 0.5), (4, 2, 1.0)])
+def test_fused_actors_get_a_whole_gpu_each_where_there_is_one(gpus, actors, expected):
+    cluster = ClusterShape([{"CPU": 16.0, "GPU": float(gpus)}], [])
+    place = Placement(fused=True, prior_actors=actors)
+    assert stage_gpus(place, cluster) == (expected, 0.0)
+    [fused] = [d for d in demands(place, *stage_gpus(place, cluster)) if "actor" in d.what]
+    assert (fused.what, fused.count, fused.bundle) == ("fused actor", actors, {"CPU": 1.0, **({"GPU": expected}
+                                                                                            if gpus else {})})
+
+
+def test_a_fused_placement_needs_one_gpu_where_two_pools_need_two():
+    one_gpu = ClusterShape([{"CPU": 8.0, "GPU": 1.0}], [])
+    assert unschedulable(needs((1.0, 1.0)), one_gpu) is not None
+    assert unschedulable(needs((1.0, 0.0), fused=True), one_gpu) is None
+    problem = unschedulable(needs((2.0, 0.0), fused=True), one_gpu)
+    assert "a fused actor needs CPU 1, GPU 2" in problem and "prior_gpus, prior_resources (fused)" in problem
+
+
 def test_the_example_job_fits_the_example_cluster_as_the_driver_checks_it():
     cluster_yaml = yaml.safe_load(CLUSTER.read_text())
     head = cluster_yaml["head_node_type"]

@@ -42,6 +42,7 @@ def test_minimal_spec_gets_documented_defaults(tmp_path):
     assert placement.writer_concurrency is None
     assert placement.prior_resources == {} and placement.decoder_resources == {}
     assert (placement.max_restarts, placement.max_task_retries) == (3, -1)
+    assert placement.fused is False
 
 
 def test_full_spec_loads(tmp_path):
@@ -128,6 +129,10 @@ def test_wrong_types_name_the_field(data, expected):
         ({"placement": {"max_restarts": -2}}, "placement.max_restarts: must be >= -1"),
         ({"placement": {"prior_resources": {"GPU": 1}}}, "placement.prior_resources: 'GPU' is set by"),
         ({"placement": {"prior_resources": {"a": -1}}}, "placement.prior_resources: 'a' must be >= 0"),
+        ({"placement": {"fused": True, "decoder_actors": 2, "decoder_gpus": 0.5}},
+         "placement: fused actors take prior_actors, prior_cpus, prior_gpus and prior_resources; decoder_actors, "
+         "decoder_gpus only apply to two pools"),
+        ({"placement": {"fused": "yes"}}, "placement.fused: "),
         ({"output": "s3://"}, "output: 's3://' names no bucket"),
         ({"output": "s3:///prefix"}, "output: 's3:///prefix' names no bucket"),
         ({"output": "gs://bucket/x"}, "output: 'gs://bucket/x': only local folders and s3://"),
@@ -305,3 +310,11 @@ def test_sampler_params():
         "decoder_guidance_scale": 0.0,
         "quantize": "none",
     }
+
+
+def test_a_fused_spec_survives_its_own_dump():
+    """Run records and `ray job submit` carry the spec as its dump: the decoder fields' defaults must not count as
+    set against fused."""
+    spec = JobSpec.from_dict({"prompts": "p.parquet", "output": "out",
+                              "placement": {"fused": True, "prior_actors": 2, "decoder_batch_size": 4}})
+    assert JobSpec.from_dict(spec.model_dump(mode="json")) == spec

@@ -1,0 +1,56 @@
+"""bench/gpu_suite.sh --dry-run end to end on the CPU: both parts (bench/gpu.py and bench/job.py) at tiny sizes
+under their time limits, every results file, and the summary table, so that the suite cannot rot between the runs
+on a GPU. It starts its own Ray and compiles with dynamo, so it is marked slow (several minutes here)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_part_and_prints_the_summary(tmp_path):
+    results = tmp_path / "results"
+    done = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run", str(results)], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+
+    gpu = json.loads((results / "gpu.json").read_text())
+    assert gpu["dry_run"] and all(r["images_per_s"] > 0 for r in gpu["rows"]), gpu["rows"]
+    job = json.loads((results / "job.json").read_text())
+    assert job["dry_run"] and job["bare"]["steady_images_per_s"] > 0
+    faster = job["faster_placement"]
+    rows = {r["row"]: r for r in job["rows"]}
+    assert sorted(rows) == sorted(["two-pools png", "fused png", f"{faster} jpeg"])
+    for row in rows.values():
+        assert row["exit_code"] == 0 and row["ok"] == job["prompts"] == 4, row
+        assert row["prior"]["busy_s"] > 0 and row["decoder"]["busy_s"] > 0 and row["steady_ratio_to_bare"] > 0
+        encoders = row["encoders"]
+        assert encoders["held_back"] in (True, False) and encoders["encoder_busy_s"] > 0, encoders
+        assert encoders["decoder_output_backpressure_s"] >= 0
+        assert any(("FusedStage" if row["placement"] == "fused" else "DecoderStage") in op["operator"]
+                   for op in row["dataflow"])
+    assert rows[f"{faster} jpeg"]["format"] == "jpeg"
+
+    summary = (results / "summary.md").read_text()
+    assert "| gpu | 0 | ok |" in summary and "| job | 0 | ok |" in summary
+    for name in rows:
+        assert f"| {name} |" in summary
+    assert summary.strip() in done.stdout
+    assert json.loads((results / "summary.json").read_text())["parts"] == {"gpu": 0, "job": 0}
+    log = (results / "suite.log").read_text()
+    assert "== gpu: exit 0" in log and "== job: exit 0" in log
+
+
+def test_a_part_over_its_limit_is_stopped_and_reported(tmp_path):
+    """The summary of a part that hit its time limit says so, and the suite's status is not 0."""
+    results = tmp_path / "results"
+    results.mkdir()
+    done = subprocess.run(["python", "bench/suite_summary.py", str(results), "--part", "gpu=124", "--part", "job=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "| gpu | 124 | time limit reached, no results file |" in done.stdout
