@@ -46,7 +46,7 @@ from workers.models import StageModels
 from workers.prior_stage import PriorStage
 from workers.reader_stage import read_unit
 from workers.shard_numbers import ShardNumbers
-from workers.writer_stage import write_images
+from workers.writer_stage import STORAGE_ERROR, manifest_rows, write_images
 
 from .plan import Plan, Scan, plan_units, scan_inputs
 from .provenance import checkpoint_identity, job_id, job_params, sample_provenance, wurstfabrik_version
@@ -363,16 +363,21 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
     try:
         with bar:
             dataset = build_dataset(for_workers(spec), plan, job, output, gpus, shard_numbers)
-            for batch in dataset.iter_batches(batch_size=None):
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 watchdog.progress()
-                statuses = batch["status"]
-                run.generated += int((statuses == "ok").sum())
-                run.failed += int((statuses == "failed").sum())
-                bar.update(len(statuses))
-                bar.set_postfix(failed=run.failed)
-                errors = [e for e in batch["storage_error"] if e]
+                errors = [e for e in batch.column(STORAGE_ERROR).unique().to_pylist() if e]
                 if errors:
                     supervisor.stop(f"storage failed: {errors[0]}")
+                elif batch.num_rows:
+                    # Ray hands over a writer task's result once, however often it ran the task: recording
+                    # only what arrives here keeps every image in one row and one shard (workers.writer_stage).
+                    with supervisor.critical():
+                        store_part(output, manifest_rows(batch))
+                    statuses = batch.column("status").to_numpy(zero_copy_only=False)
+                    run.generated += int((statuses == "ok").sum())
+                    run.failed += int((statuses == "failed").sum())
+                    bar.update(len(statuses))
+                    bar.set_postfix(failed=run.failed)
                 supervisor.check()
                 if time.monotonic() - last_compact > COMPACT_EVERY_S:
                     with supervisor.critical():
