@@ -9,15 +9,19 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from job_helpers import PROMPTS, make_spec, write_prompts
 
 from jobs.driver import run_job
+from store.encoding import encode_image
 from store.ids import image_key, sample_key
-from store.manifest import read_manifest
+from store.manifest import MANIFEST_PREFIX, read_manifest
 from store.storage import open_output
+from workers.batches import column
 from workers.faults import FAULTS_ENV
+from workers.writer_stage import STORAGE_ERROR, manifest_rows, write_images
 
 IMAGES_PER_PROMPT = 2
 PROMPT_IDS = ["fox", "lighthouse", "ramen", "astro"]
@@ -107,3 +111,25 @@ def test_a_rerun_writer_leaves_every_image_in_exactly_one_named_place(output_for
                 shard.seek(row["offset"])
                 assert hashlib.sha256(shard.read(row["bytes"])).hexdigest() == row["sha256"]
 
+
+
+def test_a_writer_stores_images_but_leaves_recording_them_to_the_driver(tmp_path):
+    """What makes a rerun harmless: a writer attempt records nothing itself; its rows go back with its result."""
+    png = encode_image(np.zeros((8, 8, 3), np.uint8), "png", 90)
+    n = 2
+    batch = {"prompt_id": column(["fox", "fox"]), "image_index": column([0, 1], np.int64),
+             "prompt": column(["a fox"] * n), "negative_prompt": column([""] * n), "seed": column([1, 2], np.int64),
+             "truncated": column([False] * n), "prior_s": column([0.1] * n), "decoder_s": column([0.2] * n),
+             "image_size": column([(8, 8)] * n), "error": column(["", "decode: boom"]),
+             "data": column([png, b""]), "bytes": column([len(png), 0], np.int64),
+             "sha256": column([hashlib.sha256(png).hexdigest(), ""])}
+    output = open_output(str(tmp_path))
+    job = {"job_id": "j", "run_id": "r", "params": "{}", "provenance": {}}
+    result = write_images(batch, output, "files", "png", 3, job)
+
+    assert output.list(MANIFEST_PREFIX) == []
+    assert output.exists(image_key("fox", 0, "png")) and not output.exists(image_key("fox", 1, "png"))
+    rows = manifest_rows(result).to_pylist()
+    assert [(r["prompt_id"], r["image_index"], r["status"]) for r in rows] == [("fox", 0, "ok"), ("fox", 1, "failed")]
+    assert rows[0]["uri"] == output.uri(image_key("fox", 0, "png")) and rows[1]["error"] == "decode: boom"
+    assert result.column(STORAGE_ERROR).to_pylist() == ["", ""]
