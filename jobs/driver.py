@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
@@ -48,7 +49,7 @@ from workers.models import StageModels
 from workers.prior_stage import PriorStage
 from workers.reader_stage import read_unit
 from workers.shard_numbers import ShardNumbers
-from workers.writer_stage import write_images
+from workers.writer_stage import STORAGE_ERROR, STORAGE_TRANSIENT, manifest_rows, write_images
 
 from .claim import Claim, claim_output, now, submission_id
 from .dataflow_stats import operator_stats
@@ -353,17 +354,22 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
     try:
         with bar:
             dataset = build_dataset(for_workers(spec), plan, job, output, gpus, shard_numbers)
-            for batch in dataset.iter_batches(batch_size=None):
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 watchdog.progress()
-                statuses = batch["status"]
-                run.generated += int((statuses == "ok").sum())
-                run.failed += int((statuses == "failed").sum())
-                bar.update(len(statuses))
-                bar.set_postfix(failed=run.failed)
-                for error, transient in zip(batch["storage_error"], batch["storage_transient"], strict=True):
-                    if error:
-                        supervisor.stop(f"storage failed: {error}", storage_exit(bool(transient)))
-                        break
+                failures = batch.filter(pc.not_equal(batch.column(STORAGE_ERROR), ""))
+                if failures.num_rows:
+                    supervisor.stop(f"storage failed: {failures.column(STORAGE_ERROR)[0].as_py()}",
+                                    storage_exit(failures.column(STORAGE_TRANSIENT)[0].as_py()))
+                elif batch.num_rows:
+                    # Ray hands over a writer task's result once, however often it ran the task: recording
+                    # only what arrives here keeps every image in one row and one shard (workers.writer_stage).
+                    with supervisor.critical():
+                        store_part(output, manifest_rows(batch))
+                    statuses = batch.column("status").to_numpy(zero_copy_only=False)
+                    run.generated += int((statuses == "ok").sum())
+                    run.failed += int((statuses == "failed").sum())
+                    bar.update(len(statuses))
+                    bar.set_postfix(failed=run.failed)
                 supervisor.check()
                 if time.monotonic() - last_compact > COMPACT_EVERY_S:
                     with supervisor.critical():

@@ -102,7 +102,7 @@ def write_part(output, rows: list[dict[str, Any]]) -> str:
     """
     if not rows:
         raise ManifestError("manifest part: no rows to write")
-    return store_part(output, _rows_to_table(rows))
+    return store_part(output, rows_table(rows))
 
 
 def store_part(output, table: pa.Table) -> str:
@@ -120,7 +120,9 @@ def tier_of(rows: int) -> int:
     return max(0, int(math.log(max(rows, 1) / TIER_BASE, FANOUT)))
 
 
-def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+def rows_table(rows: list[dict[str, Any]], check: bool = True) -> pa.Table:
+    """Rows as a table with MANIFEST_SCHEMA, each checked against it unless `check` is off (rows that will not be
+    stored, such as a writer's whose storage failed)."""
     now = datetime.now(timezone.utc)
     names = set(MANIFEST_SCHEMA.names)
     complete = []
@@ -132,7 +134,8 @@ def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
         full["params"] = _params_json(full["params"])
         if full["finished_at"] is None:
             full["finished_at"] = now
-        _check_row(number, full)
+        if check:
+            _check_row(number, full)
         complete.append(full)
     arrays = []
     for field in MANIFEST_SCHEMA:

@@ -5,7 +5,13 @@ WURSTFABRIK_TEST_FAULTS='{"kill": {"stage": "decoder", "marker": "/tmp/x"}, "fai
 encoder fail images whose prompt contains the text; `hang` makes the named stage wait forever on its first
 batch; `slow_encode` ({"seconds": s, "log": folder}) makes each encoder task take s seconds and leave a file
 with its start and end times in the folder; `batch_log` (a folder) makes the prior and decoder stages leave a
-file per model batch naming the stage, the requested size and the number of images."""
+file per model batch naming the stage, the requested size and the number of images.
+
+`kill_writer` ({"after": "store" | "return", "marker": path, "regroup": bool}) ends the process of the first
+writer task that gets there, once per marker file, in which it leaves the ids and URIs of the images it stored:
+after it stored its images, or once its result is ready but before Ray has it. Ray then runs the task again, as
+after losing its node. With `regroup`, each attempt claims its shard number under a key of its own, as if the
+rerun carried a regrouped block: the rerun then stores its images in another shard than the lost attempt."""
 
 import json
 import os
@@ -30,6 +36,24 @@ def maybe_kill(stage: str) -> None:
     except FileExistsError:
         return
     os._exit(1)
+
+
+def maybe_kill_writer(point: str, rows: list[dict]) -> None:
+    kill = _faults().get("kill_writer")
+    if not kill or kill.get("after") != point:
+        return
+    try:
+        with open(kill["marker"], "x") as marker:
+            json.dump([{name: row[name] for name in ("prompt_id", "image_index", "uri")} for row in rows], marker)
+    except FileExistsError:
+        return
+    os._exit(1)
+
+
+def attempt_key(batch_key: str) -> str:
+    """The key a writer attempt claims its shard number under: its batch's, or one of its own under `regroup`."""
+    kill = _faults().get("kill_writer")
+    return f"{batch_key}/{uuid.uuid4().hex}" if kill and kill.get("regroup") else batch_key
 
 
 def maybe_hang(stage: str) -> None:

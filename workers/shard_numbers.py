@@ -1,6 +1,7 @@
 """Shard numbers for one run: a small actor that hands every writer batch the lowest number no shard has yet, and
 the same number again to the same batch, so that a writer task Ray runs again (its node was lost) rewrites its own
-shard instead of adding a second copy of its images."""
+shard. Exactly once does not rest on this (the driver records only the attempt Ray delivers, and removes shards
+no row names); it saves an orphan per rerun."""
 
 import ray
 

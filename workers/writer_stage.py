@@ -1,56 +1,71 @@
-"""The writer stage: stores a batch of encoded images in the job's output format, then records their manifest rows
-(one part per batch), and returns each image's status to the driver."""
+"""The writer stage: stores a batch of encoded images in the job's output format and returns their manifest rows.
+
+The driver records the rows of each batch Ray hands it, and only those: Ray delivers a writer task's result once,
+however often it ran the task, so an image is recorded once, in the shard of the attempt whose result arrived. An
+attempt that stored its images and was then lost (its node died before Ray saw it finish) leaves either files or a
+shard number that the rerun writes again (same block, same batch key, same number), or a shard that no row names,
+which the driver removes as an orphan."""
 
 import hashlib
 import time
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from store.formats import Sample, open_format
-from store.manifest import write_part
+from store.manifest import MANIFEST_SCHEMA, rows_table
 from store.storage import StorageError
 
-from .batches import column
+from .faults import attempt_key, maybe_kill_writer
 
-RESULT_COLUMNS = ("prompt_id", "image_index", "status")
-# Manifest fields copied from the batch as they are.
+# The column beside the manifest rows that says why the batch could not be stored ("" when it was).
+STORAGE_ERROR = "storage_error"
+# Beside it: whether a rerun can get past that failure as it is (an outage that outlasted the retries).
+STORAGE_TRANSIENT = "storage_transient"
 # Row fields that say how the job ran, not what the image is; a sample's metadata leaves them out.
 NOT_METADATA = {"uri", "member", "offset", "params", "error", "prior_s", "decoder_s", "prior_node", "decoder_node"}
+# Manifest fields copied from the batch as they are.
 ROW_FIELDS = ("prompt_id", "image_index", "prompt", "negative_prompt", "seed", "truncated", "prior_s", "decoder_s",
               "prior_node", "decoder_node", "source", "bytes", "sha256")
 
 
 def write_images(batch: dict[str, np.ndarray], output, output_format: str, image_format: str, shard_size: int,
-                 job: dict, shard_numbers=None) -> dict[str, np.ndarray]:
-    """`job` holds job_id, run_id, params (the sampler settings) and provenance (what each sample's metadata
-    carries). A storage failure that outlasts the retries leaves the batch unrecorded: its images are not in the
-    manifest, so a rerun makes them again, and the driver is told through `storage_error` and `storage_transient`
-    (whether a rerun can get past it as it is: StorageError.transient)."""
+                 job: dict, shard_numbers=None) -> pa.Table:
+    """The batch's manifest rows and the STORAGE_ERROR and STORAGE_TRANSIENT columns, after storing its images.
+    `job` holds job_id, run_id, params (the sampler settings) and provenance (what each sample's metadata carries).
+    A storage failure that outlasts the retries is named in STORAGE_ERROR, and STORAGE_TRANSIENT says whether a
+    rerun can get past it as it is (StorageError.transient); the driver then records none of the rows, so a rerun
+    makes the images again."""
     start = time.perf_counter()
     samples = [_sample(batch, i, job) for i in range(len(batch["prompt_id"]))]
     batch_key = hashlib.sha256("\n".join(sorted(f"{s.row['prompt_id']}/{s.row['image_index']}"
                                                  for s in samples)).encode()).hexdigest()
-    claim = (lambda: ray.get(shard_numbers.claim.remote(batch_key))) if shard_numbers is not None else None
+    claim = (lambda: ray.get(shard_numbers.claim.remote(attempt_key(batch_key)))) if shard_numbers is not None \
+        else None
     storage_error, transient = "", False
     for sample in samples:
         sample.row["status"] = "ok" if sample.ok else "failed"
     try:
         open_format(output_format, image_format, shard_size).write(output, samples, claim)
-        per_image = (time.perf_counter() - start) / max(1, len(samples))
-        now = datetime.now(timezone.utc)
-        for sample in samples:
-            sample.row.update(write_s=per_image, finished_at=now)
-        if samples:
-            write_part(output, [s.row for s in samples])
+        maybe_kill_writer("store", [s.row for s in samples])
     except StorageError as e:
         storage_error, transient = str(e), e.transient
-    statuses = [("unrecorded" if storage_error else s.row["status"]) for s in samples]
-    return {"prompt_id": column([s.row["prompt_id"] for s in samples]),
-            "image_index": column([s.row["image_index"] for s in samples], np.int64),
-            "status": column(statuses), "storage_error": column([storage_error] * len(samples)),
-            "storage_transient": column([transient] * len(samples), bool)}
+    per_image = (time.perf_counter() - start) / max(1, len(samples))
+    now = datetime.now(timezone.utc)
+    for sample in samples:
+        sample.row.update(write_s=per_image, finished_at=now)
+    rows = rows_table([s.row for s in samples], check=not storage_error)
+    result = rows.append_column(STORAGE_ERROR, pa.array([storage_error] * len(samples), pa.string()))
+    result = result.append_column(STORAGE_TRANSIENT, pa.array([transient] * len(samples), pa.bool_()))
+    maybe_kill_writer("return", [s.row for s in samples])
+    return result
+
+
+def manifest_rows(result: pa.Table) -> pa.Table:
+    """The manifest rows of a writer's result, as the driver records them."""
+    return result.drop_columns([STORAGE_ERROR, STORAGE_TRANSIENT]).cast(MANIFEST_SCHEMA)
 
 
 def _sample(batch: dict[str, np.ndarray], i: int, job: dict) -> Sample:
