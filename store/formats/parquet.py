@@ -73,7 +73,7 @@ class ParquetFormat:
         table = pa.table(columns).select(SCHEMA.names).cast(SCHEMA)
         with tempfile.TemporaryDirectory(prefix="wurstfabrik-shard-") as folder:
             path = Path(folder) / "shard.parquet"
-            pq.write_table(table, path, row_group_size=ROWS_PER_GROUP)
+            pq.write_table(table, path, row_group_size=ROWS_PER_GROUP, write_page_checksum=True)
             number = claim_shard()
             uri = output.put_file(self.shard_objects(number)[0], path, "application/vnd.apache.parquet")
         for sample, key in zip(good, keys, strict=True):
@@ -82,5 +82,6 @@ class ParquetFormat:
     def read_image(self, output, row: dict) -> bytes:
         name = "/".join(row["uri"].rsplit("/", 2)[-2:])
         with output.open_read(name) as file:
-            table = pq.read_table(file, columns=["image", "key"], filters=[("key", "=", row["member"])])
+            table = pq.read_table(file, columns=["image", "key"], filters=[("key", "=", row["member"])],
+                                  page_checksum_verification=True)
         return table.column("image")[0]["bytes"].as_py()

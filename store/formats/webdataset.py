@@ -97,5 +97,5 @@ def _sidecar(samples: list[Sample]) -> bytes:
             columns[name].append(values.get(name))
     table = pa.table({name: pa.array(values, type=SIDECAR_COLUMNS[name]) for name, values in columns.items()})
     sink = io.BytesIO()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, write_page_checksum=True)
     return sink.getvalue()
