@@ -25,7 +25,7 @@ CAPTION_CHARS = 40
 LINE_HEIGHT = 12
 BACKGROUND = (255, 255, 255)
 ROW_COLUMNS = ["job_id", "prompt_id", "image_index", "prompt", "seed", "width", "height", "uri", "member", "offset",
-               "bytes", "status", "finished_at"]
+               "bytes", "sha256", "status", "finished_at"]
 
 
 class NothingToPreview(Exception):

@@ -2,6 +2,7 @@
 
 Resume and status read it back column by column; an image's final state is decided by `final_rows`, a sort and
 a group-by in Arrow. Parts are merged size-tiered (`compact`), so their number grows with the log of the rows.
+Every page of a part carries a CRC32 that reads verify, so a part damaged in the store fails loudly, by name.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def write_part(output, rows: list[dict[str, Any]]) -> str:
 def store_part(output, table: pa.Table) -> str:
     """Stores a table that already has MANIFEST_SCHEMA as a new part, named by write time and size tier."""
     sink = io.BytesIO()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, write_page_checksum=True)
     # The timestamp first makes key order follow write order, which breaks finished_at ties.
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     key = f"{MANIFEST_PREFIX}part-{stamp}-T{tier_of(table.num_rows)}-{uuid.uuid4().hex}.parquet"
@@ -201,7 +202,7 @@ def _read_part(output, key: str, schema: pa.Schema, wanted: dict[str, str | None
     filters = {name: value for name, value in wanted.items() if value is not None}
     try:
         with output.open_read(key) as file:
-            parquet = pq.ParquetFile(file, read_dictionary=list(filters))
+            parquet = pq.ParquetFile(file, read_dictionary=list(filters), page_checksum_verification=True)
             present = set(parquet.schema_arrow.names)
             needed = list(dict.fromkeys(schema.names + list(filters)))
             missing = [n for n in needed if n not in present and n not in LATER_COLUMNS]
@@ -211,7 +212,7 @@ def _read_part(output, key: str, schema: pa.Schema, wanted: dict[str, str | None
     except ManifestError:
         raise
     except (pa.ArrowException, OSError) as err:
-        raise ManifestError(f"{key}: not a readable Parquet file: {err}") from None
+        raise _unreadable(output, key, err) from None
     except Exception:  # the storage layer's error; a part merged away since the listing is not one
         if not output.exists(key):
             return None
@@ -252,10 +253,19 @@ def named_uris(output) -> set[str]:
     URI repeats on each of its rows, so this stays small however many images there are."""
     uris: set[str] = set()
     for key in part_keys(output):
-        with output.open_read(key) as file:
-            column = pq.ParquetFile(file, read_dictionary=["uri"]).read(columns=["uri"]).column("uri")
+        try:
+            with output.open_read(key) as file:
+                parquet = pq.ParquetFile(file, read_dictionary=["uri"], page_checksum_verification=True)
+                column = parquet.read(columns=["uri"]).column("uri")
+        except (pa.ArrowException, OSError) as err:
+            raise _unreadable(output, key, err) from None
         uris.update(u for u in pc.unique(column).to_pylist() if u)
     return uris
+
+
+def _unreadable(output, key: str, err: Exception) -> ManifestError:
+    return ManifestError(f"{output.uri(key)}: not a readable Parquet file ({err}); this manifest part is damaged: "
+                         f"restore it, or delete it so that a rerun makes its images again")
 
 
 def final_rows(table: pa.Table) -> pa.Table:

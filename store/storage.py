@@ -2,7 +2,8 @@
 
 Keys are relative POSIX paths under the output root; every write is atomic and stays inside the root. S3 calls
 ride out transient failures (store.retry) for `S3Settings.outage_s`. The conditional writes (`put_new`,
-`put_if_version`) are what the output's lease is built on.
+`put_if_version`) are what the output's lease is built on. Every S3 object carries the sha256 of its bytes in its
+user metadata, checked whenever the whole object is read, whatever boto3's own checksum settings are.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ MiB = 1024 * 1024
 # Quick retries inside botocore for a dropped packet; store.retry covers the longer outages around them.
 DEFAULT_MAX_ATTEMPTS = 3
 READ_BUFFER = 4 * MiB
+
+# The user metadata entry (x-amz-meta-sha256) holding the hex sha256 of an object's bytes, set on every S3 write.
+SHA256_METADATA = "sha256"
+# boto3 >= 1.36 sends a CRC with every upload and validates responses ("when_supported"). Many S3-compatible
+# stores reject the former or send a whole object's checksum with a ranged GET, so for an endpoint other than AWS
+# both settings default to "when_required", as other S3 clients do; a user's own setting always wins.
+CHECKSUM_SETTINGS = {"request_checksum_calculation": "AWS_REQUEST_CHECKSUM_CALCULATION",
+                     "response_checksum_validation": "AWS_RESPONSE_CHECKSUM_VALIDATION"}
+COMPATIBLE_CHECKSUM_MODE = "when_required"
+AWS_HOST_SUFFIXES = (".amazonaws.com", ".amazonaws.com.cn", ".api.aws")
 
 # In-progress local writes and write probes carry these names; listings leave them out.
 TEMP_PREFIX = ".tmp-put-"
@@ -320,38 +331,62 @@ class S3Output:
         self.endpoint = endpoint
         self.root_uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self._base = f"{prefix}/" if prefix else ""
+        self._core: botocore.session.Session | None = None
         self._session: boto3.session.Session | None = None
         self._client = None
+        self._ranged_client = None
+        self._compatible = False  # an S3-compatible store rather than AWS: decided when the client is built
 
     # boto3 sessions and clients neither pickle nor survive a fork; each process builds its own.
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_session": None, "_client": None}
+        return {**self.__dict__, "_core": None, "_session": None, "_client": None, "_ranged_client": None}
 
     @property
     def client(self):
         """The boto3 client, built on first use in whichever process this output now lives."""
         if self._client is None:
-            core = botocore.session.get_session()
-            attempts = (
-                self.settings.max_attempts or core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS
-            )
-            config = Config(
-                retries={"mode": "standard", "total_max_attempts": attempts},
-                connect_timeout=self.settings.connect_timeout,
-                read_timeout=self.settings.read_timeout,
-                # Self-hosted servers (rclone, MinIO) rarely resolve bucket subdomains.
-                s3={"addressing_style": "path"} if self.endpoint else None,
-            )
-            self._session = boto3.session.Session(botocore_session=core)
-            self._client = self._session.client("s3", endpoint_url=self.endpoint, config=config)
+            self._compatible = self.endpoint is not None and not is_aws_endpoint(self.endpoint)
+            self._client = self._new_client()
+            if not self._compatible and not is_aws_endpoint(self._client.meta.endpoint_url):
+                # An endpoint_url from the AWS config file: known only once botocore has resolved it.
+                self._compatible = True
+                self._client = self._new_client()
         return self._client
+
+    @property
+    def ranged_client(self):
+        """A client that never validates a response checksum: some stores send the whole object's checksum with
+        a ranged GET, which botocore would then check against the range. Parquet's page checksums and the
+        manifest's sha256 of each image check what ranged reads bring instead."""
+        if self._ranged_client is None:
+            self.client  # noqa: B018 - decides whether the endpoint is AWS
+            self._ranged_client = self._new_client(response_checksum_validation=COMPATIBLE_CHECKSUM_MODE)
+        return self._ranged_client
+
+    def _new_client(self, **overrides):
+        if self._session is None:
+            self._core = botocore.session.get_session()
+            self._session = boto3.session.Session(botocore_session=self._core)
+        core = self._core
+        attempts = self.settings.max_attempts or core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS
+        modes = checksum_modes(core) if self._compatible else {}
+        config = Config(
+            retries={"mode": "standard", "total_max_attempts": attempts},
+            connect_timeout=self.settings.connect_timeout,
+            read_timeout=self.settings.read_timeout,
+            # Self-hosted servers (rclone, MinIO) rarely resolve bucket subdomains.
+            s3={"addressing_style": "path"} if self._compatible else None,
+            **{**modes, **overrides},
+        )
+        return self._session.client("s3", endpoint_url=self.endpoint, config=config)
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
         if len(data) >= self.settings.multipart_threshold:
             return self._upload(key, lambda: io.BytesIO(data), content_type)
         extra = {"ContentType": content_type} if content_type else {}
         self._call(self.uri(key), lambda: self.client.put_object(Bucket=self.bucket, Key=self._object_key(key),
-                                                                 Body=data, **extra))
+                                                                 Body=data, Metadata=_sha256_metadata(data),
+                                                                 **extra))
         return self.uri(key)
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> str:
@@ -365,7 +400,7 @@ class S3Output:
         if length <= 0:
             return b""
         span = f"bytes={start}-{start + length - 1}"
-        return self._call(self.uri(key), lambda: self.client.get_object(
+        return self._call(self.uri(key), lambda: self.ranged_client.get_object(
             Bucket=self.bucket, Key=self._object_key(key), Range=span)["Body"].read())
 
     def open_read(self, key: str) -> BinaryIO:
@@ -416,9 +451,14 @@ class S3Output:
                 if _error_code(err) in MISSING_OBJECT_CODES:
                     return None
                 raise
-            return response["Body"].read(), response["ETag"]
+            return response["Body"].read(), response["ETag"], response.get("Metadata", {})
 
-        return self._call(self.uri(key), fetch)
+        found = self._call(self.uri(key), fetch)
+        if found is None:
+            return None
+        data, etag, metadata = found
+        self._verify(key, data, metadata)
+        return data, etag
 
     def put_new(self, key: str, data: bytes) -> str | None:
         return self._conditional_put(key, data, IfNoneMatch="*")
@@ -430,7 +470,8 @@ class S3Output:
         def attempt():
             try:
                 response = self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data,
-                                                  ContentType="application/json", **condition)
+                                                  ContentType="application/json", Metadata=_sha256_metadata(data),
+                                                  **condition)
             except ClientError as err:
                 if _error_code(err) in CONDITION_FAILED_CODES:
                     return None
@@ -440,7 +481,13 @@ class S3Output:
         return self._call(self.uri(key), attempt)
 
     def _upload(self, key: str, open_body: Callable[[], BinaryIO], content_type: str | None) -> str:
-        extra = {"ContentType": content_type} if content_type else {}
+        with open_body() as body:
+            digest = hashlib.sha256()
+            while chunk := body.read(READ_BUFFER):
+                digest.update(chunk)
+        extra = {"Metadata": {SHA256_METADATA: digest.hexdigest()}}
+        if content_type:
+            extra["ContentType"] = content_type
 
         def upload():
             # A multipart upload only becomes visible when it completes, so it is atomic too.
@@ -453,6 +500,16 @@ class S3Output:
 
     def _object_key(self, key: str) -> str:
         return self._base + safe_key(key)
+
+    def _verify(self, key: str, data: bytes, metadata: dict[str, str]) -> None:
+        """Compares the bytes read with the sha256 stored at write time; objects written without one pass."""
+        # Metadata names are case-insensitive; some servers (rclone) capitalise them.
+        stored = {name.lower(): value for name, value in metadata.items()}.get(SHA256_METADATA)
+        if stored is not None and stored != _digest(data):
+            raise StorageError(
+                f"{self.uri(key)}: the object's bytes do not match the sha256 stored with it when it was written; "
+                "it was changed or damaged in the store: restore it, or delete it so that a rerun writes it anew"
+            )
 
     def _transfer_config(self) -> TransferConfig:
         return TransferConfig(
@@ -542,6 +599,24 @@ class _RangeReader(io.RawIOBase):
         buffer[: len(data)] = data
         self.position += len(data)
         return len(data)
+
+
+def _sha256_metadata(data: bytes) -> dict[str, str]:
+    return {SHA256_METADATA: _digest(data)}
+
+
+def is_aws_endpoint(url: str) -> bool:
+    """Whether an endpoint URL is Amazon S3 itself rather than an S3-compatible store."""
+    host = urlsplit(url).hostname or ""
+    return any(f".{host}".endswith(suffix) for suffix in AWS_HOST_SUFFIXES)
+
+
+def checksum_modes(core: botocore.session.Session) -> dict[str, str]:
+    """The checksum settings for an S3-compatible store: "when_required" for each one the user has not set in the
+    environment or the AWS config file; botocore applies the user's own."""
+    scoped = core.get_scoped_config()
+    return {name: COMPATIBLE_CHECKSUM_MODE for name, variable in CHECKSUM_SETTINGS.items()
+            if not os.environ.get(variable) and name not in scoped}
 
 
 def _error_code(err: ClientError) -> str:

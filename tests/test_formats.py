@@ -15,7 +15,7 @@ from store.encoding import encode_image
 from store.formats import Sample, open_format
 from store.formats.shards import stored_shard_numbers
 from store.ids import image_key
-from store.storage import open_output
+from store.storage import StorageError, open_output
 from workers.shard_numbers import ShardNumberBook
 
 
@@ -129,3 +129,23 @@ def test_parquet_shards_load_with_hugging_face_datasets(output, tmp_path):
         assert json.loads(row["metadata"])["wurstfabrik"] == "test"
     for sample in good:
         assert fmt.read_image(output, sample.row) == sample.data
+
+
+@pytest.mark.parametrize("output_format, problem", [
+    ("files", "the image's bytes do not match the sha256 in the manifest"),
+    ("webdataset", "the image's bytes do not match the sha256 in the manifest"),
+    ("parquet", "not a readable Parquet file .*CRC"),  # its page checksums catch it before the sha256 could
+])
+def test_an_image_damaged_in_the_store_is_caught_when_read_back(tmp_path, output_format, problem):
+    output = open_output(str(tmp_path / "out"))
+    fmt = open_format(output_format, "png", 4)
+    written = samples(3)
+    fmt.write(output, written, counter())
+    data, row = written[1].data, written[1].row
+    piece = data[len(data) // 2:len(data) // 2 + 16]  # the image's pixels, not its header
+    (path,) = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and piece in p.read_bytes()
+               and p.suffix != ".json"]
+    assert path.read_bytes().count(piece) == 1
+    path.write_bytes(path.read_bytes().replace(piece, bytes(16)))
+    with pytest.raises(StorageError, match=problem):
+        fmt.read_image(output, row)

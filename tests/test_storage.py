@@ -9,12 +9,14 @@ import re
 import socket
 import time
 
+import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import s3_environment, set_environment
 from fault_proxy import FaultProxy
 
+from store.manifest import MANIFEST_SCHEMA, ManifestError, named_uris, read_manifest, write_part
 from store.storage import (
     LocalOutput,
     S3Output,
@@ -329,3 +331,116 @@ def test_a_lasting_outage_fails_after_the_configured_time(s3_env, monkeypatch):
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
         output.put("a", b"x")
     assert 3 <= time.monotonic() - start < 20
+
+
+# S3-compatible stores with boto3's default checksums (boto3 >= 1.36 stores a CRC with every upload).
+
+
+@pytest.mark.parametrize("store", ["rclone", "moto"])
+def test_an_object_uploaded_with_boto3s_default_checksums_reads_back_by_range(store, request, tmp_path):
+    if store == "rclone":
+        server = request.getfixturevalue("s3_env")
+        bucket = request.getfixturevalue("s3_bucket")
+        client = server.client()
+    else:
+        bucket = request.getfixturevalue("moto_env")
+        client = boto3.session.Session().client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    table = pa.table({"prompt": [f"a sausage {i}" for i in range(3000)], "seed": list(range(3000))})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=1000)
+    data = (tmp_path / "in.parquet").read_bytes()
+    client.put_object(Bucket=bucket, Key="inputs/in.parquet", Body=data)
+    stored = client.head_object(Bucket=bucket, Key="inputs/in.parquet", ChecksumMode="ENABLED")
+    assert any(name.startswith("Checksum") and name != "ChecksumType" for name in stored)  # the store keeps a CRC
+    output = open_output(f"s3://{bucket}/inputs")
+    assert output.get_range("in.parquet", 100, 50) == data[100:150]
+    with output.open_read("in.parquet") as file:
+        assert pq.ParquetFile(file).read_row_group(2, columns=["seed"]).column("seed").to_pylist() == \
+            list(range(2000, 3000))
+    assert output.get("in.parquet") == data
+
+
+def test_a_custom_endpoint_asks_for_checksums_only_when_required_unless_the_user_says_otherwise(s3_env, monkeypatch,
+                                                                                             tmp_path):
+    def modes(output):
+        config = output.client.meta.config
+        return config.request_checksum_calculation, config.response_checksum_validation
+
+    output = open_output("s3://bucket")
+    assert modes(output) == ("when_required", "when_required")
+    assert output.client.meta.config.s3["addressing_style"] == "path"
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    assert modes(open_output("s3://bucket")) == ("when_supported", "when_required")
+    config_file = tmp_path / "aws-config"
+    config_file.write_text("[default]\nresponse_checksum_validation = when_supported\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config_file))
+    output = open_output("s3://bucket")
+    assert modes(output) == ("when_supported", "when_supported")
+    assert output.ranged_client.meta.config.response_checksum_validation == "when_required"  # ranges: never
+
+
+def test_aws_keeps_boto3s_checksum_defaults(s3_env, monkeypatch, tmp_path):
+    """Only the client is built here; nothing contacts AWS."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    output = open_output("s3://bucket")
+    config = output.client.meta.config
+    assert "amazonaws.com" in output.client.meta.endpoint_url
+    assert (config.request_checksum_calculation, config.response_checksum_validation) == ("when_supported",
+                                                                                          "when_supported")
+    assert (config.s3 or {}).get("addressing_style") != "path"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.eu-west-1.amazonaws.com")
+    assert open_output("s3://bucket").client.meta.config.request_checksum_calculation == "when_supported"
+    # An endpoint from the AWS config file is a custom one too.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    config_file = tmp_path / "aws-config"
+    config_file.write_text("[default]\nendpoint_url = http://127.0.0.1:9\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config_file))
+    output = open_output("s3://bucket")
+    assert output.client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert output.client.meta.config.request_checksum_calculation == "when_required"
+
+
+def test_jobs_objects_work_on_rclone_with_every_checksum_setting(s3_env, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_supported")
+    output = open_output(f"s3://{s3_bucket}/out")
+    key = write_part(output, [{"job_id": "j", "prompt_id": "p", "image_index": 0, "params": {}, "status": "failed",
+                               "error": "boom"}])
+    assert output.client.head_object(Bucket=s3_bucket, Key=f"out/{key}", ChecksumMode="ENABLED").get(
+        "ChecksumCRC32")  # uploads carry boto3's CRC, as the user asked
+    assert read_manifest(output, ["prompt_id", "error"]).to_pylist() == [{"prompt_id": "p", "error": "boom"}]
+    assert output.get_range(key, 0, 4) == b"PAR1"
+
+
+def test_an_object_changed_in_the_store_is_caught_on_read(s3_env, s3_bucket):
+    output = open_output(f"s3://{s3_bucket}/out")
+    output.put("job.json", b'{"job_id": "one"}')
+    stored = s3_env.client().head_object(Bucket=s3_bucket, Key="out/job.json")["Metadata"]
+    # Someone rewrites the object's bytes through the server and keeps its recorded sha256.
+    s3_env.client().put_object(Bucket=s3_bucket, Key="out/job.json", Body=b'{"job_id": "two"}', Metadata=stored)
+    for read in (output.get, output.read_versioned):
+        with pytest.raises(StorageError, match=r"s3://.*/out/job\.json: the object's bytes do not match the sha256"):
+            read("job.json")
+
+
+def test_a_damaged_manifest_part_is_an_error_that_names_it(s3_env, s3_bucket):
+    output = open_output(f"s3://{s3_bucket}/out")
+    rows = [{"job_id": "j", "prompt_id": f"p{i}", "image_index": 0, "params": {}, "status": "failed",
+             "error": f"a long enough error message number {i} " * 4} for i in range(50)]
+    key = write_part(output, rows)
+    data = bytearray(output.get(key))
+    column = pq.ParquetFile(pa.BufferReader(bytes(data))).metadata.row_group(0).column(
+        MANIFEST_SCHEMA.get_field_index("error"))
+    start = column.dictionary_page_offset or column.data_page_offset
+    data[start + column.total_compressed_size // 2] ^= 0x01  # inside the error strings
+    damaged = bytes(data)
+    # Without page checksums this damage reads back silently as other text.
+    silent = pq.read_table(pa.BufferReader(damaged), columns=["error"]).column("error").to_pylist()
+    assert silent != [r["error"] for r in rows]
+    named = rf"s3://{s3_bucket}/out/{re.escape(key)}: not a readable Parquet file "
+    s3_env.client().put_object(Bucket=s3_bucket, Key=f"out/{key}", Body=damaged)  # no sha256 of ours to compare
+    with pytest.raises(ManifestError, match=named + r".*CRC.*restore it, or delete it"):
+        read_manifest(output, ["prompt_id", "error"])
+    s3_env.client().put_object(Bucket=s3_bucket, Key=f"out/{key}", Body=b"not parquet at all")
+    for read in (read_manifest, named_uris):  # the orphan sweep must not take a part it cannot read for none
+        with pytest.raises(ManifestError, match=named):
+            read(output)

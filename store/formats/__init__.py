@@ -34,7 +34,7 @@ class OutputFormat(Protocol):
         """Stores the ok samples and sets each sample's `uri`, `member` and `offset`; raises StorageError."""
 
     def read_image(self, output, row: dict[str, Any]) -> bytes:
-        """The encoded image a manifest row points at."""
+        """The encoded image a manifest row points at, checked against the row's sha256; raises StorageError."""
 
     def shard_objects(self, number: int) -> list[str]:
         """The keys one shard consists of (empty for one file per image)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from store.encoding import content_type, extension
 from store.ids import image_key
 
-from .samples import Sample
+from .samples import Sample, checked_image
 
 
 class FilesFormat:
@@ -25,7 +25,7 @@ class FilesFormat:
 
     def read_image(self, output, row: dict) -> bytes:
         # The key from the URI's last segments, not the URI itself: an output copied elsewhere still reads.
-        return output.get("/".join(row["uri"].rsplit("/", 3)[-3:]))
+        return checked_image(row, output.get("/".join(row["uri"].rsplit("/", 3)[-3:])))
 
     def shard_objects(self, number: int) -> list[str]:
         return []

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 
 from store.encoding import extension
 from store.ids import sample_key
+from store.storage import StorageError
 
-from .samples import Sample
+from .samples import Sample, checked_image
 from .shards import shard_name
 
 PREFIX = "data/"
@@ -73,7 +74,7 @@ class ParquetFormat:
         table = pa.table(columns).select(SCHEMA.names).cast(SCHEMA)
         with tempfile.TemporaryDirectory(prefix="wurstfabrik-shard-") as folder:
             path = Path(folder) / "shard.parquet"
-            pq.write_table(table, path, row_group_size=ROWS_PER_GROUP)
+            pq.write_table(table, path, row_group_size=ROWS_PER_GROUP, write_page_checksum=True)
             number = claim_shard()
             uri = output.put_file(self.shard_objects(number)[0], path, "application/vnd.apache.parquet")
         for sample, key in zip(good, keys, strict=True):
@@ -81,6 +82,12 @@ class ParquetFormat:
 
     def read_image(self, output, row: dict) -> bytes:
         name = "/".join(row["uri"].rsplit("/", 2)[-2:])
-        with output.open_read(name) as file:
-            table = pq.read_table(file, columns=["image", "key"], filters=[("key", "=", row["member"])])
-        return table.column("image")[0]["bytes"].as_py()
+        try:
+            with output.open_read(name) as file:
+                table = pq.read_table(file, columns=["image", "key"], filters=[("key", "=", row["member"])],
+                                      page_checksum_verification=True)
+        except (pa.ArrowException, OSError) as err:
+            raise StorageError(f"{output.uri(name)}: not a readable Parquet file ({err}); the shard is damaged: "
+                               f"restore it, or delete it and its manifest rows so that a rerun makes its images "
+                               f"again") from None
+        return checked_image(row, table.column("image")[0]["bytes"].as_py())

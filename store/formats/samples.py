@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
+
+from store.storage import StorageError
 
 
 @dataclass
@@ -15,3 +18,15 @@ class Sample:
     @property
     def ok(self) -> bool:
         return self.data is not None and not self.row.get("error")
+
+
+def checked_image(row: dict[str, Any], data: bytes | None) -> bytes | None:
+    """The image bytes read back for a manifest row, once they match the row's sha256 (when it has one): reads
+    by range inside a shard have no whole-object checksum to lean on."""
+    expected = row.get("sha256")
+    if data is not None and expected and hashlib.sha256(data).hexdigest() != expected:
+        where = f"{row['uri']}, member {row['member']}" if row.get("member") else row["uri"]
+        raise StorageError(f"{where}: the image's bytes do not match the sha256 in the manifest; the object was "
+                           f"changed or damaged in the store: restore it, or delete it and its manifest rows so "
+                           f"that a rerun makes the image again")
+    return data

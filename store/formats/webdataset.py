@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from store.encoding import extension
 from store.ids import sample_key
 
-from .samples import Sample
+from .samples import Sample, checked_image
 from .shards import shard_name
 
 PREFIX = "shards/"
@@ -76,7 +76,7 @@ class WebDatasetFormat:
 
     def read_image(self, output, row: dict) -> bytes:
         shard = "/".join(row["uri"].rsplit("/", 2)[-2:])
-        return output.get_range(shard, row["offset"], row["bytes"])
+        return checked_image(row, output.get_range(shard, row["offset"], row["bytes"]))
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -97,5 +97,5 @@ def _sidecar(samples: list[Sample]) -> bytes:
             columns[name].append(values.get(name))
     table = pa.table({name: pa.array(values, type=SIDECAR_COLUMNS[name]) for name, values in columns.items()})
     sink = io.BytesIO()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, write_page_checksum=True)
     return sink.getvalue()
