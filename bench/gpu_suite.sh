@@ -42,7 +42,7 @@ else
     job_args=(--full --device cuda --prompts 24 --batch 8
               --checkpoint-dir "${GPU_SUITE_CHECKPOINTS:-${TMPDIR:-/tmp}/wurstfabrik-bench-full}")
 fi
-# bench/gpu.py gains --quantize (fp8 rows) on another branch: pass it only where this checkout has it.
+# The fp8 rows (bench/gpu.py --quantize), where this checkout's bench/gpu.py has them.
 if python bench/gpu.py --help 2>/dev/null | grep -q -- --quantize; then
     gpu_args+=(--quantize none,fp8)
 fi

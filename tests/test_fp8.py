@@ -198,6 +198,11 @@ def test_the_job_records_quantize_and_resume_refuses_a_change(tmp_path):
         check_resume(params, output, False, fp8)
     check_resume(params, output, True, fp8)  # --force regenerates
     check_resume(job_params(plain, identity, identity), output, False, plain)
+    # and the other way: an fp8 output resumed without quantize (its default, which the params leave out)
+    write_job_params(output, {"job_id": "job", "params": params})
+    with pytest.raises(JobError, match=r"other generation parameters \(changed: quantize\)"):
+        check_resume(job_params(plain, identity, identity), output, False, plain)
+    check_resume(params, output, False, fp8)
 
 
 def test_outputs_made_before_quantize_existed_keep_their_job_id():
