@@ -57,7 +57,6 @@ from .exit_codes import EXIT_DONE, EXIT_INCOMPLETE, EXIT_REFUSED, storage_exit
 from .plan import Plan, Scan, plan_units, scan_inputs
 from .provenance import checkpoint_identity, job_id, job_params, sample_provenance, wurstfabrik_version
 from .quiet import quiet_ray_logs
-from .recorder import ManifestRecorder
 from .resources import READ_CPUS, ClusterShape, demands, pending_demands, stage_gpus, unschedulable
 from .spec import LATER_GENERATION_DEFAULTS, JobSpec
 from .supervisor import RunStopped, Supervisor, Watchdog
@@ -354,7 +353,6 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
     bar = tqdm(total=plan.total_images, initial=plan.done_images + plan.bad.num_rows, unit="img",
                disable=not run.progress, desc="images", dynamic_ncols=True)
     last_compact = time.monotonic()
-    recorder = ManifestRecorder(output)
     try:
         with bar:
             dataset = build_dataset(for_workers(spec), plan, job, output, gpus, shard_numbers)
@@ -368,7 +366,7 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                     # Ray hands over a writer task's result once, however often it ran the task: recording
                     # only what arrives here keeps every image in one row and one shard (workers.writer_stage).
                     with supervisor.critical():
-                        recorder.add(manifest_rows(batch))
+                        store_part(output, manifest_rows(batch))
                     statuses = batch.column("status").to_numpy(zero_copy_only=False)
                     run.generated += int((statuses == "ok").sum())
                     run.failed += int((statuses == "failed").sum())
@@ -377,25 +375,11 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                 supervisor.check()
                 if time.monotonic() - last_compact > COMPACT_EVERY_S:
                     with supervisor.critical():
-                        recorder.flush()
                         _compact_quietly(output)
                     last_compact = time.monotonic()
-            with supervisor.critical():
-                recorder.flush()
         run.record["dataflow"] = operator_stats(dataset)
     finally:
         watchdog.done.set()
-        if not supervisor.lease_lost:
-            with supervisor.critical():
-                _record_quietly(recorder)
-
-
-def _record_quietly(recorder: ManifestRecorder) -> None:
-    """On the way out of a stopped run: records the images already stored, so a rerun need not make them again."""
-    try:
-        recorder.flush()
-    except StorageError as e:
-        log.warning("could not record %d stored images (a rerun makes them again): %s", recorder.rows, e)
 
 
 def _compact_quietly(output: Output) -> None:

@@ -39,7 +39,6 @@ class Supervisor:
         self._critical = 0
         self._main = threading.main_thread()
         self._previous: dict[int, object] = {}
-        self.lease_lost = False  # another run may own the output now: this one records nothing more
 
     @property
     def active(self) -> bool:
@@ -137,7 +136,6 @@ class LeaseKeeper(threading.Thread):
             try:
                 self.lease.renew()
             except LeaseLost as e:
-                self.supervisor.lease_lost = True
                 self.supervisor.stop(f"lost the output's lease: {e}")
                 return
             except StorageError as e:  # an outage: the next renewal tries again, well before the lease is stale
