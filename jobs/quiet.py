@@ -52,6 +52,14 @@ class _DropOwnStop(logging.Filter):
 
 
 def quiet_ray_logs() -> None:
+    # Ray's console handlers keep the stderr they were made with. One made while another stderr was in place (an
+    # earlier run in a notebook cell, an app or a test that swaps sys.stderr) would write to a closed file, and
+    # every Ray Data line would come out as a "--- Logging error ---" traceback. Each run points them at today's.
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                with handler.lock:
+                    handler.stream = sys.stderr
     for name, patterns in NOISE_LOGS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):

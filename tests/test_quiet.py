@@ -1,0 +1,23 @@
+"""jobs.quiet: Ray's console handlers follow the stderr of the run that uses them, not the one they were made with."""
+
+import io
+import logging
+import sys
+
+from jobs.quiet import quiet_ray_logs
+
+
+def test_a_ray_data_handler_made_under_another_stderr_writes_to_the_current_one(monkeypatch):
+    old = io.StringIO()
+    handler = logging.StreamHandler(old)  # made while `old` was stderr, as Ray makes its console handlers
+    logger = logging.getLogger("ray.data")
+    logger.addHandler(handler)
+    try:
+        old.close()  # that stderr is gone: a notebook cell, an app or a test capture ended
+        now = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", now)
+        quiet_ray_logs()
+        logger.warning("execution finished")
+        assert "execution finished" in now.getvalue() and "Logging error" not in now.getvalue()
+    finally:
+        logger.removeHandler(handler)
