@@ -55,9 +55,11 @@ def quiet_ray_logs() -> None:
     # Ray's console handlers keep the stderr they were made with. One made while another stderr was in place (an
     # earlier run in a notebook cell, an app or a test that swaps sys.stderr) would write to a closed file, and
     # every Ray Data line would come out as a "--- Logging error ---" traceback. Each run points them at today's.
+    # Only Ray's own handlers: others on these loggers (a host application's, pytest's) keep their streams.
     for name in ("ray", "ray.data"):
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            if type(handler).__module__.startswith("ray.") and isinstance(handler, logging.StreamHandler) \
+                    and not isinstance(handler, logging.FileHandler):
                 with handler.lock:
                     handler.stream = sys.stderr
     for name, patterns in NOISE_LOGS.items():

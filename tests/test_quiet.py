@@ -8,10 +8,16 @@ from jobs.quiet import quiet_ray_logs
 
 
 def test_a_ray_data_handler_made_under_another_stderr_writes_to_the_current_one(monkeypatch):
+    from ray._private.log import PlainRayHandler
+
     old = io.StringIO()
-    handler = logging.StreamHandler(old)  # made while `old` was stderr, as Ray makes its console handlers
+    monkeypatch.setattr(sys, "stderr", old)
+    handler = PlainRayHandler()  # made while `old` was stderr
     logger = logging.getLogger("ray.data")
     logger.addHandler(handler)
+    kept = io.StringIO()
+    others = logging.StreamHandler(kept)
+    logger.addHandler(others)
     try:
         old.close()  # that stderr is gone: a notebook cell, an app or a test capture ended
         now = io.StringIO()
@@ -19,5 +25,7 @@ def test_a_ray_data_handler_made_under_another_stderr_writes_to_the_current_one(
         quiet_ray_logs()
         logger.warning("execution finished")
         assert "execution finished" in now.getvalue() and "Logging error" not in now.getvalue()
+        assert others.stream is kept  # a handler that is not Ray's keeps its stream
     finally:
         logger.removeHandler(handler)
+        logger.removeHandler(others)
