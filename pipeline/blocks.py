@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def unset_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding whose weight a checkpoint will set. Its own random init, run on the meta device the loader
+    builds modules on, imports dynamo: seconds of CPU in every stage actor, for values that are replaced."""
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of an NCHW tensor, without affine parameters."""
 

@@ -1,11 +1,12 @@
-"""CLIP text conditioning: a tokenizer and text encoder from transformers, loaded from safetensors."""
+"""CLIP text conditioning: transformers' tokenizer and our CLIP text model (pipeline.clip_text), from safetensors."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import HALF_VARIANT, is_half_variant, weight_files
+from .checkpoint import weight_files
+from .clip_text import load_clip_text
 from .errors import CheckpointError
 from .prompt_embeddings import WeightedPromptEncoder
 from .prompt_syntax import check_syntax_name, parse_prompt
@@ -44,26 +45,16 @@ class TextEncoder:
     def from_folders(cls, tokenizer_dir: Path, encoder_dir: Path, device: torch.device,
                      dtype: torch.dtype, keep_on_cpu: bool = False) -> "TextEncoder":
         """`keep_on_cpu` leaves the model's weights on the CPU, for an offloader to move while it runs."""
-        from transformers import CLIPTextModel, CLIPTokenizer
-        from transformers.utils import logging as hf_logging
+        from transformers import CLIPTokenizer
 
-        # Refuses pickle-only folders before transformers sees them, and finds the variant to ask for: a hub
-        # download for a half-precision dtype holds only the fp16 weights where the repository has them.
+        # Refuses pickle-only folders, and finds the variant to read: a hub download for a half-precision dtype
+        # holds only the fp16 weights where the repository has them.
         files = weight_files(encoder_dir, prefer_half=dtype != torch.float32)
-        variant = HALF_VARIANT if is_half_variant(files[0].name) else None
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
         except Exception as e:
             raise CheckpointError(f"{tokenizer_dir}: cannot load the CLIP tokenizer ({e})") from None
-        hf_logging.disable_progress_bar()
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # a CLIPTextModelWithProjection checkpoint's unused projection is expected
-        try:
-            model = CLIPTextModel.from_pretrained(str(encoder_dir), use_safetensors=True, dtype=dtype, variant=variant)
-        except Exception as e:
-            raise CheckpointError(f"{encoder_dir}: cannot load the CLIP text encoder ({e})") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        model = load_clip_text(encoder_dir, files, dtype)
         return cls(tokenizer, model.to("cpu" if keep_on_cpu else device).eval().requires_grad_(False), device)
 
     @property

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .blocks import unset_embedding
+
 
 @dataclass(frozen=True)
 class VQGANConfig:
@@ -46,7 +48,7 @@ class Codebook(nn.Module):
 
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
-        self.embedding = nn.Embedding(num_embeddings, dim)
+        self.embedding = unset_embedding(num_embeddings, dim)
 
 
 class StageA(nn.Module):

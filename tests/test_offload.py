@@ -72,7 +72,7 @@ def test_model_offload_holds_one_module_at_a_time_without_cuda(tiny_checkpoints)
     generate(pipe)
     assert len(seen) > 300 and set(seen) == {1}
     assert sorted(type(m).__name__ for o in offloaders(pipe) for m in o.slots) == \
-        ["CLIPTextModel", "CLIPTextModel", "StageA", "StageB", "StageC"]
+        ["ClipTextModel", "ClipTextModel", "StageA", "StageB", "StageC"]
 
 
 def test_offload_and_compile_are_refused_together(tiny_checkpoints):

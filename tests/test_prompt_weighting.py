@@ -146,16 +146,26 @@ def pipe(tiny_checkpoints):
     return WuerstchenPipeline.from_pretrained(*tiny_checkpoints, device="cpu", dtype=torch.float32)
 
 
+@pytest.fixture(scope="module")
+def reference_models(tiny_checkpoints):
+    """transformers' CLIPTextModel of each half's text_encoder folder: Compel's encoder, the oracle's own."""
+    from transformers import CLIPTextModel
+
+    prior, decoder = tiny_checkpoints
+    return {stage: CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval()
+            for stage, folder in (("prior", prior), ("decoder", decoder))}
+
+
 def encoders(pipe):
     return {"prior": pipe.prior.text, "decoder": pipe.decoder.text}
 
 
 @pytest.mark.parametrize("stage", ["prior", "decoder"])
 @pytest.mark.parametrize("long_prompts", ["truncate", "chunk"])
-def test_compel_embeddings_equal_compels(pipe, stage, long_prompts):
+def test_compel_embeddings_equal_compels(pipe, reference_models, stage, long_prompts):
     """Both text encoders, long prompts cut or chunked (Compel's truncate_long_prompts), Würstchen's padding mask."""
     text = encoders(pipe)[stage]
-    compel = Compel(tokenizer=text.tokenizer, text_encoder=text.model, padding_attention_mask_value=0,
+    compel = Compel(tokenizer=text.tokenizer, text_encoder=reference_models[stage], padding_attention_mask_value=0,
                     truncate_long_prompts=long_prompts == "truncate")
     ours = text.encode_prompts(COMPEL_PROMPTS, "compel", long_prompts)
     for prompt, hidden in zip(COMPEL_PROMPTS, ours.hidden_states, strict=True):
@@ -169,10 +179,10 @@ def test_compel_embeddings_equal_compels(pipe, stage, long_prompts):
 
 
 @pytest.mark.parametrize("long_prompts", ["truncate", "chunk"])
-def test_plain_long_prompts_equal_compels_windows(pipe, long_prompts):
+def test_plain_long_prompts_equal_compels_windows(pipe, reference_models, long_prompts):
     """Plain text (syntax characters included) chunked exactly as Compel chunks a prompt without syntax."""
     text = pipe.prior.text
-    compel = Compel(tokenizer=text.tokenizer, text_encoder=text.model, padding_attention_mask_value=0,
+    compel = Compel(tokenizer=text.tokenizer, text_encoder=reference_models["prior"], padding_attention_mask_value=0,
                     truncate_long_prompts=long_prompts == "truncate")
     provider = compel.conditioning_provider
     prompts = [LONG, LONG_COMMAS, "a cat", "(" + LONG + ")1.3"]
@@ -183,10 +193,10 @@ def test_plain_long_prompts_equal_compels_windows(pipe, long_prompts):
         torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a1111_embeddings_equal_compels_for_the_same_weights(pipe):
+def test_a1111_embeddings_equal_compels_for_the_same_weights(pipe, reference_models):
     """(word:w) means what Compel's procedure makes of weight w, downweights included."""
     text = pipe.decoder.text
-    compel = Compel(tokenizer=text.tokenizer, text_encoder=text.model, padding_attention_mask_value=0)
+    compel = Compel(tokenizer=text.tokenizer, text_encoder=reference_models["decoder"], padding_attention_mask_value=0)
     prompts = ["a (red:1.3) cat, [dog] on ((the sofa))", "(" + LONG + ":0.7) [[night]]"]
     ours = text.encode_prompts(prompts, "a1111")
     for prompt, hidden in zip(prompts, ours.hidden_states, strict=True):
