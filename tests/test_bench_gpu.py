@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ["ours eager", "reference eager", "ours compiled", "ours compiled + CUDA graphs", "reference compiled",
            "ours compiled fp8", "ours compiled fp8 + CUDA graphs"]
 
 
+@pytest.mark.slow  # a benchmark's whole dry run: a minute here
 def test_dry_run_measures_every_row(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, "bench/gpu.py", "--dry-run", "--batches", "2", "--quantize", "none,fp8",

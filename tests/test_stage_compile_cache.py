@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.compile_cache import ARTIFACTS_FILE
 from store.storage import open_output
 
@@ -29,6 +31,7 @@ def actor(location: str, env: dict) -> int:
     return int(done.stdout.split("hits")[-1])
 
 
+@pytest.mark.slow  # two inductor compiles in fresh processes: a minute here
 def test_a_second_actor_elsewhere_loads_what_the_first_compiled_through_s3(tmp_path, s3_env, s3_bucket):
     """A folder shared by the actors is pipeline.compile_cache's own (tests/test_compile.py); this is the copy to
     and from S3 that actors on other machines share."""
