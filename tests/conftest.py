@@ -278,16 +278,36 @@ def _ray_session():
     ray.shutdown()
 
 
+@contextmanager
+def process_environment(env: dict[str, str | None]):
+    """os.environ with `env` applied (None: unset) inside the block, as it was after it."""
+    before = {name: os.environ.get(name) for name in env}
+    try:
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def shared_ray(s3_server) -> str:
     """The local Ray of 2 CPUs the tests share (started again if a test replaced it); returns its address.
 
-    Its workers hold the S3 test server's configuration, as a cluster's nodes hold their own credentials."""
+    Its node holds the S3 test server's configuration, as a cluster's nodes hold their own credentials: Ray's
+    processes start with it in their environment, so the workers of every job get it, a driver's that joins
+    through RAY_ADDRESS too."""
     import ray
 
     if not ray.is_initialized():
-        env = {k: v for k, v in s3_environment(s3_server).items() if v is not None}
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
+        with process_environment(s3_environment(s3_server)):
+            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     return ray.get_runtime_context().gcs_address
 
 

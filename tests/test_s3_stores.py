@@ -10,6 +10,7 @@ import signal
 import subprocess
 import tarfile
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -44,10 +45,10 @@ def store_environment(store: str, request) -> tuple[dict, str]:
     return moto_environment(request.getfixturevalue("moto_server")), bucket
 
 
-def wait_for_s3_parts(output, count: int, driver: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_s3_parts(output, count: int, driver: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert driver.poll() is None, "the driver finished before the fault"
+        assert driver.poll() is None, f"the driver finished before the fault:\n{log.read_text()[-3000:]}"
         if len(part_keys(output)) >= count:
             return
         time.sleep(0.2)
@@ -95,10 +96,12 @@ def test_a_killed_s3_job_resumes_to_every_image_exactly_once(store, output_forma
     else:
         shared_ray(request.getfixturevalue("s3_server"))
     try:
-        driver = start_driver(spec, tmp_path, ray.get_runtime_context().gcs_address, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+        log = tmp_path / "driver.log"
+        with log.open("w") as driver_output:
+            driver = start_driver(spec, tmp_path, ray.get_runtime_context().gcs_address, stdout=driver_output,
+                                  stderr=subprocess.STDOUT)
         try:
-            wait_for_s3_parts(output, 1, driver)
+            wait_for_s3_parts(output, 1, driver, log)
             os.killpg(driver.pid, signal.SIGKILL)
         finally:
             driver.wait()
