@@ -278,23 +278,23 @@ def _ray_session():
     ray.shutdown()
 
 
+def apply_environment(env: dict[str, str | None]) -> None:
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @contextmanager
 def process_environment(env: dict[str, str | None]):
     """os.environ with `env` applied (None: unset) inside the block, as it was after it."""
     before = {name: os.environ.get(name) for name in env}
+    apply_environment(env)
     try:
-        for name, value in env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         yield
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        apply_environment(before)
 
 
 def shared_ray(s3_server) -> str:
