@@ -10,6 +10,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -356,27 +357,30 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
     try:
         with bar:
             dataset = build_dataset(for_workers(spec), plan, job, output, gpus, shard_numbers)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                watchdog.progress()
-                failures = batch.filter(pc.not_equal(batch.column(STORAGE_ERROR), ""))
-                if failures.num_rows:
-                    supervisor.stop(f"storage failed: {failures.column(STORAGE_ERROR)[0].as_py()}",
-                                    storage_exit(failures.column(STORAGE_TRANSIENT)[0].as_py()))
-                elif batch.num_rows:
-                    # Ray hands over a writer task's result once, however often it ran the task: recording
-                    # only what arrives here keeps every image in one row and one shard (workers.writer_stage).
-                    with supervisor.critical():
-                        store_part(output, manifest_rows(batch))
-                    statuses = batch.column("status").to_numpy(zero_copy_only=False)
-                    run.generated += int((statuses == "ok").sum())
-                    run.failed += int((statuses == "failed").sum())
-                    bar.update(len(statuses))
-                    bar.set_postfix(failed=run.failed)
-                supervisor.check()
-                if time.monotonic() - last_compact > COMPACT_EVERY_S:
-                    with supervisor.critical():
-                        _compact_quietly(output)
-                    last_compact = time.monotonic()
+            # Closed when the loop is left, by a stop's RunStopped too: Ray Data then ends the execution and reports
+            # its statistics while Ray is still connected, not at interpreter exit, where that prints a traceback.
+            with closing(iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))) as batches:
+                for batch in batches:
+                    watchdog.progress()
+                    failures = batch.filter(pc.not_equal(batch.column(STORAGE_ERROR), ""))
+                    if failures.num_rows:
+                        supervisor.stop(f"storage failed: {failures.column(STORAGE_ERROR)[0].as_py()}",
+                                        storage_exit(failures.column(STORAGE_TRANSIENT)[0].as_py()))
+                    elif batch.num_rows:
+                        # Ray hands over a writer task's result once, however often it ran the task: recording
+                        # only what arrives here keeps every image in one row and one shard (workers.writer_stage).
+                        with supervisor.critical():
+                            store_part(output, manifest_rows(batch))
+                        statuses = batch.column("status").to_numpy(zero_copy_only=False)
+                        run.generated += int((statuses == "ok").sum())
+                        run.failed += int((statuses == "failed").sum())
+                        bar.update(len(statuses))
+                        bar.set_postfix(failed=run.failed)
+                    supervisor.check()
+                    if time.monotonic() - last_compact > COMPACT_EVERY_S:
+                        with supervisor.critical():
+                            _compact_quietly(output)
+                        last_compact = time.monotonic()
         run.record["dataflow"] = operator_stats(dataset)
     finally:
         watchdog.done.set()
