@@ -55,7 +55,7 @@ class TextEncoder:
         except Exception as e:
             raise CheckpointError(f"{tokenizer_dir}: cannot load the CLIP tokenizer ({e})") from None
         model = load_clip_text(encoder_dir, files, dtype)
-        return cls(tokenizer, model.to("cpu" if keep_on_cpu else device).eval().requires_grad_(False), device)
+        return cls(tokenizer, model.to("cpu" if keep_on_cpu else device), device)
 
     @property
     def max_length(self) -> int:
