@@ -32,6 +32,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SERVER_START_TIMEOUT_S = 20.0
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked own_ray run last, in their order: the shared Ray is not started again after each of them."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+
+
 @dataclass
 class S3Server:
     """A running `rclone serve s3`; each top-level folder of `root` is a bucket.
@@ -278,36 +283,25 @@ def _ray_session():
     ray.shutdown()
 
 
-def apply_environment(env: dict[str, str | None]) -> None:
-    for name, value in env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+def start_ray(env: dict[str, str | None], num_cpus: int = 2) -> str:
+    """A local Ray whose processes start with `env` applied (None: unset), as a cluster's nodes hold their own
+    credentials and endpoints: the workers of every job get it, a driver's that joins through RAY_ADDRESS too.
+    Returns its address."""
+    import ray
 
-
-@contextmanager
-def process_environment(env: dict[str, str | None]):
-    """os.environ with `env` applied (None: unset) inside the block, as it was after it."""
-    before = {name: os.environ.get(name) for name in env}
-    apply_environment(env)
-    try:
-        yield
-    finally:
-        apply_environment(before)
+    with pytest.MonkeyPatch.context() as patch:
+        set_environment(patch, env)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return ray.get_runtime_context().gcs_address
 
 
 def shared_ray(s3_server) -> str:
-    """The local Ray of 2 CPUs the tests share (started again if a test replaced it); returns its address.
-
-    Its node holds the S3 test server's configuration, as a cluster's nodes hold their own credentials: Ray's
-    processes start with it in their environment, so the workers of every job get it, a driver's that joins
-    through RAY_ADDRESS too."""
+    """The local Ray of 2 CPUs the tests share, its node holding the S3 test server's configuration (started again
+    if a test replaced it); returns its address."""
     import ray
 
     if not ray.is_initialized():
-        with process_environment(s3_environment(s3_server)):
-            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        return start_ray(s3_environment(s3_server))
     return ray.get_runtime_context().gcs_address
 
 
@@ -349,10 +343,7 @@ def ray_head(env: dict[str, str], num_cpus: int):
             time.sleep(2)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)  # a graceful `ray stop` takes half a minute here; the group dies with SIGKILL
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        # Every process of this head is in its group; a graceful stop takes half a minute here and keeps nothing.
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
         shutil.rmtree(ray_dir, ignore_errors=True)

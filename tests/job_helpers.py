@@ -4,7 +4,6 @@ output's final rows back."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import start_ray
 
 from jobs.spec import JobSpec
 from store.manifest import latest_status, read_manifest
@@ -59,14 +59,13 @@ def ok_keys_once(output) -> list[tuple[str, int]]:
     return [(r["prompt_id"], r["image_index"]) for r in rows if r["status"] == "ok"]
 
 
-def start_local_ray(env: dict[str, str], num_cpus: int = 2) -> None:
-    """A fresh local Ray whose workers hold `env` (e.g. another S3 endpoint); the shared one comes back through
-    the ray_local fixture once this one is shut down."""
+def start_local_ray(env: dict[str, str | None], num_cpus: int = 2) -> None:
+    """A fresh local Ray whose nodes hold `env` (e.g. another S3 endpoint); the shared one comes back through the
+    ray_local fixture once this one is shut down."""
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": env})
+    start_ray(env, num_cpus)
 
 
 def start_driver(spec: JobSpec, folder: Path, ray_address: str, **popen) -> subprocess.Popen:

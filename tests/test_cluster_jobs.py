@@ -20,7 +20,7 @@ from store.manifest import latest_status, read_manifest
 from store.storage import open_output
 from workers.faults import FAULTS_ENV
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen", "an astronaut riding a horse"]
 

@@ -97,6 +97,7 @@ def test_status_exits_0_1_or_2_as_run_does(s3_env, s3_bucket, capsys):
     assert "bucket 'no-such-bucket-here' does not exist; create it or correct the URI" in line
 
 
+@pytest.mark.own_ray
 def test_refused_writes_mid_run_exit_2_and_once_fixed_the_rerun_exits_0_though_record_writes_fail(
         s3_server, s3_bucket, tiny_checkpoints, tmp_path, monkeypatch, capsys):
     """Two runs through one proxy (one Ray start): the first meets a policy that denies writing shards; the second
@@ -118,7 +119,7 @@ def test_refused_writes_mid_run_exit_2_and_once_fixed_the_rerun_exits_0_though_r
     proxy = FaultProxy(s3_server.endpoint, share=0.0, refuse=deny_shards).start()
     try:
         set_environment(monkeypatch, s3_environment(s3_server, proxy.endpoint))
-        start_local_ray({k: v for k, v in s3_environment(s3_server, proxy.endpoint).items() if v is not None})
+        start_local_ray(s3_environment(s3_server, proxy.endpoint))
         prompts = write_prompts(tmp_path / "p.parquet", PROMPTS)
         spec = make_spec(tiny_checkpoints, prompts, f"s3://{s3_bucket}/out", output_format="webdataset",
                          shard_size=2, placement={"prior_batch_size": 2, "decoder_batch_size": 2})

@@ -76,9 +76,9 @@ def stored_images(output, output_format: str, ext: str) -> list[str]:
     ("rclone", "webdataset"),
     pytest.param("rclone", "files", marks=pytest.mark.slow),
     pytest.param("rclone", "parquet", marks=pytest.mark.slow),
-    ("moto", "files"),
-    pytest.param("moto", "webdataset", marks=pytest.mark.slow),
-    pytest.param("moto", "parquet", marks=pytest.mark.slow),
+    pytest.param("moto", "files", marks=pytest.mark.own_ray),
+    pytest.param("moto", "webdataset", marks=[pytest.mark.slow, pytest.mark.own_ray]),
+    pytest.param("moto", "parquet", marks=[pytest.mark.slow, pytest.mark.own_ray]),
 ])
 def test_a_killed_s3_job_resumes_to_every_image_exactly_once(store, output_format, request, _ray_session,
                                                             tiny_checkpoints, tmp_path, monkeypatch, capsys):
@@ -92,7 +92,7 @@ def test_a_killed_s3_job_resumes_to_every_image_exactly_once(store, output_forma
     # The store's settings on every node: the tests' shared Ray holds rclone's; moto's need a Ray of their own.
     own_ray = store != "rclone"
     if own_ray:
-        start_local_ray({k: v for k, v in env.items() if v is not None})
+        start_local_ray(env)
     else:
         shared_ray(request.getfixturevalue("s3_server"))
     try:
