@@ -148,37 +148,48 @@ def test_s3_job(ray_local, tiny_checkpoints, tmp_path, s3_env, s3_bucket):
     assert output.exists("manifest/summary.json") and output.exists("job.json")
 
 
-def test_a_dying_actor_is_replaced_and_no_image_is_lost_or_doubled(ray_local, tiny_checkpoints, tmp_path,
-                                                                   monkeypatch):
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULTS_ENV, json.dumps({"kill": {"stage": "decoder", "marker": str(marker)}}))
-    prompts = write_prompts(tmp_path / "prompts.parquet")
-    out = tmp_path / "out"
-    result = run_job(make_spec(tiny_checkpoints, prompts, out, placement={"decoder_batch_size": 2}),
-                     progress=False)
+@dataclass
+class FaultedRun:
+    """One CLI run in which the decoder actor dies mid-batch and the ramen image cannot be encoded."""
 
-    assert marker.exists()  # the decoder actor really died mid-batch
-    assert result.summary["status"] == {"ok": 6, "failed": 0}
-    assert len(image_files(out)) == 6
-    table = read_manifest(open_output(str(out)))
+    out: Path
+    killed: Path  # the marker the dying actor leaves
+    exit_code: int
+    printed: str
+
+
+@pytest.fixture(scope="module")
+def faulted_run(tmp_path_factory, tiny_checkpoints, _ray_session, s3_server) -> FaultedRun:
+    """The tests of a dying actor and of an image that cannot be encoded check different things of one run."""
+    shared_ray(s3_server)
+    folder = tmp_path_factory.mktemp("faulted")
+    marker, out = folder / "killed", folder / "out"
+    spec = make_spec(tiny_checkpoints, write_prompts(folder / "prompts.parquet"), out,
+                     placement={"decoder_batch_size": 2})
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as env, redirect_stdout(printed):
+        env.setenv(FAULTS_ENV, json.dumps({"kill": {"stage": "decoder", "marker": str(marker)},
+                                           "fail_encode": "ramen"}))
+        code = main(["run", str(spec_file(spec, folder / "job.yaml")), "--no-progress"])
+    return FaultedRun(out, marker, code, printed.getvalue())
+
+
+def test_a_dying_actor_is_replaced_and_no_image_is_lost_or_doubled(faulted_run):
+    assert faulted_run.killed.exists()  # the decoder actor really died mid-batch
+    table = read_manifest(open_output(str(faulted_run.out)))
     keys = list(zip(table.column("prompt_id").to_pylist(), table.column("image_index").to_pylist(), strict=True))
     assert len(keys) == len(set(keys)) == 6
+    assert len(image_files(faulted_run.out)) == 5  # all but the one that could not be encoded
 
 
-def test_an_image_that_cannot_be_encoded_fails_alone(ray_local, tiny_checkpoints, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(FAULTS_ENV, json.dumps({"fail_encode": "ramen"}))
-    prompts = write_prompts(tmp_path / "prompts.parquet")
-    out = tmp_path / "out"
-    spec = make_spec(tiny_checkpoints, prompts, out)
-    (tmp_path / "job.yaml").write_text(json.dumps(spec.model_dump(mode="json")))
-
-    assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 1
-    latest = latest_status(read_manifest(open_output(str(out))))
+def test_an_image_that_cannot_be_encoded_fails_alone(faulted_run):
+    assert faulted_run.exit_code == 1
+    latest = latest_status(read_manifest(open_output(str(faulted_run.out))))
     failed = [r for r in latest.values() if r["status"] == "failed"]
     assert [r["prompt"] for r in failed] == ["a bowl of ramen"]
     assert "encoding refused" in failed[0]["error"]
-    assert len(image_files(out)) == 5
-    assert "5 ok, 1 failed" in capsys.readouterr().out
+    assert len(image_files(faulted_run.out)) == 5
+    assert "5 ok, 1 failed" in faulted_run.printed
 
 
 def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path, capsys):
