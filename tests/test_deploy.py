@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,9 @@ GPU_KEY = "nvidia.com/gpu"
 MAX_NAME = {"RayJob": 47, "RayCronJob": 36}
 MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)
 README_PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen"]
+# `ray start --head` with a dashboard and `ray job submit`s to it: a minute of process starts, for deploy/ray_submit.py
+# and the README's Ray-by-hand steps, which rarely change.
+NEEDS_A_HEAD = pytest.mark.slow
 
 
 def kuberay_reference() -> Path:
@@ -445,6 +449,7 @@ def token_head(tmp_path_factory):
         yield TokenHead(address, home, env, token_env)
 
 
+@NEEDS_A_HEAD
 def test_ray_job_submit_with_token_authentication_as_the_readme_says(token_head, tmp_path):
     """The README's steps for a Ray started by hand: a token, `ray start --head` (the fixture), and `ray job submit`
     of the local example from the repository root, all with RAY_AUTH_MODE=token; a client without it is turned
@@ -476,21 +481,36 @@ def ray_submit(address: str, env: dict, *entrypoint: str, timeout: float = 180) 
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_ray_job_submit_alone_reports_every_failure_as_1(token_head):
+EXIT_CODE_CASES = {
+    "ok": (["python", "-c", "print('done')"], 0),
+    "cli-spec-error": (["wurstfabrik", "run", "no-such-spec.yaml"], 2),  # the real CLI: a spec problem, before Ray
+    "exit-3": (["python", "-c", "exit(3)"], 3),
+}
+
+
+@pytest.fixture(scope="module")
+def submitted(token_head) -> dict[str, subprocess.CompletedProcess]:
+    """Short jobs submitted to the head at the same time, as a scheduler may (each submission spends seconds
+    starting processes): `ray job submit` alone of an entrypoint that exits 3, and ray_submit.py of each case."""
     address, env = token_head.address, token_head.token_env
-    plain = subprocess.run(["ray", "job", "submit", "--address", address, "--", "python", "-c", "exit(3)"],
-                           env=env, capture_output=True, text=True, timeout=180)
+    plain = ["ray", "job", "submit", "--address", address, "--", "python", "-c", "exit(3)"]
+    with ThreadPoolExecutor(len(EXIT_CODE_CASES) + 1) as pool:
+        alone = pool.submit(subprocess.run, plain, env=env, capture_output=True, text=True, timeout=180)
+        cases = {name: pool.submit(ray_submit, address, env, *entrypoint)
+                 for name, (entrypoint, _) in EXIT_CODE_CASES.items()}
+        return {"ray job submit": alone.result(), **{name: done.result() for name, done in cases.items()}}
+
+
+@NEEDS_A_HEAD
+def test_ray_job_submit_alone_reports_every_failure_as_1(submitted):
+    plain = submitted["ray job submit"]
     assert plain.returncode == 1, plain.stdout[-2000:] + plain.stderr[-2000:]
 
 
-@pytest.mark.parametrize("entrypoint, code", [
-    (["python", "-c", "print('done')"], 0),
-    (["wurstfabrik", "run", "no-such-spec.yaml"], 2),  # the real CLI: a spec problem, before Ray is touched
-    (["python", "-c", "exit(3)"], 3),
-], ids=["ok", "cli-spec-error", "exit-3"])
-def test_ray_submit_exits_with_the_entrypoints_code(token_head, entrypoint, code):
-    address, env = token_head.address, token_head.token_env
-    result = ray_submit(address, env, *entrypoint)
+@NEEDS_A_HEAD
+@pytest.mark.parametrize("case", EXIT_CODE_CASES)
+def test_ray_submit_exits_with_the_entrypoints_code(submitted, case):
+    result, code = submitted[case], EXIT_CODE_CASES[case][1]
     assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"exit code {code}" in result.stderr
 
@@ -501,6 +521,7 @@ def job_status(address: str, env: dict, submission_id: str) -> str:
     return status.stdout + status.stderr
 
 
+@NEEDS_A_HEAD
 @pytest.mark.parametrize("when", ["running", "submitting"])
 def test_ray_submit_stops_the_job_when_it_is_terminated(token_head, when):
     address, env = token_head.address, token_head.token_env
