@@ -23,7 +23,11 @@ EXIT_STOPPED = 1  # stopped with images left to make: a rerun makes them
 _STOP_SIGNAL = signal.SIGUSR1  # how a thread wakes the main thread out of a blocking wait
 
 
-class RunStopped(Exception):
+class RunStopped(BaseException):
+    """A stop, raised by a signal handler wherever the main thread is, library code included. A BaseException, as
+    KeyboardInterrupt is, so that a library's `except Exception` cannot swallow it (Ray Data's statistics update
+    caught it and logged a traceback, and the stop waited for the next batch)."""
+
     def __init__(self, reason: str, exit_code: int):
         super().__init__(reason)
         self.reason = reason
