@@ -7,19 +7,13 @@ Data, torch), against transformers' `CLIPTextModel.from_pretrained` of the same 
     python bench/actor_start.py --tries 9 --checkpoints DIR   # DIR/prior and DIR/decoder
 """
 
+import argparse
+import json
+import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
-
-# Run as `python bench/actor_start.py`, this folder comes first on sys.path and bench/pipeline.py would shadow
-# the package.
-if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 
 HEAVY = ("torch._dynamo", "transformers.models.clip.modeling_clip")
 LOADS = {
@@ -55,7 +49,7 @@ def main() -> None:
     if args.checkpoints:
         prior, decoder = args.checkpoints / "prior", args.checkpoints / "decoder"
     else:
-        from pipeline.tiny import write_tiny_checkpoints
+        from wurstfabrik.pipeline.tiny import write_tiny_checkpoints
 
         prior, decoder = write_tiny_checkpoints(Path(tempfile.mkdtemp(prefix="actor-start-")))
     results = {}

@@ -18,8 +18,8 @@ fit in --budget-s is skipped and says so.
 import sys
 from pathlib import Path
 
-# Run as `python bench/gpu.py`: the repository root replaces this folder on sys.path, so that `pipeline` is the
-# package and this folder's pipeline.py is bench.pipeline.
+# Run as `python bench/gpu.py`: the repository root replaces this folder on sys.path, so that this folder's
+# modules import as `bench.*`.
 if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
@@ -59,13 +59,13 @@ from bench.pipeline import (
     random_vqgan,
     timed,
 )
-from pipeline import DecoderPipeline, PriorPipeline, WuerstchenPipeline, decoder_seed
-from pipeline.checkpoint import COMPONENTS, build_config
-from pipeline.compile_cache import CompileCache
-from pipeline.compiled import CompileOptions
-from pipeline.fp8 import QUANTIZE_MODES, fp8_problem, quantize_linears
-from pipeline.text import TextEncoder
-from pipeline.tiny import (
+from wurstfabrik.pipeline import DecoderPipeline, PriorPipeline, WuerstchenPipeline, decoder_seed
+from wurstfabrik.pipeline.checkpoint import COMPONENTS, build_config
+from wurstfabrik.pipeline.compile_cache import CompileCache
+from wurstfabrik.pipeline.compiled import CompileOptions
+from wurstfabrik.pipeline.fp8 import QUANTIZE_MODES, fp8_problem, quantize_linears
+from wurstfabrik.pipeline.text import TextEncoder
+from wurstfabrik.pipeline.tiny import (
     DECODER_TEXT_WIDTH,
     PRIOR_TEXT_WIDTH,
     TINY_DECODER,

@@ -25,7 +25,7 @@ fi
 mkdir -p "$1" || exit 2
 dir=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. bench/package_path.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 log="$dir/suite.log"
 : >"$log"

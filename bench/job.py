@@ -19,8 +19,8 @@ rewritten after every row.
 import sys
 from pathlib import Path
 
-# Run as `python bench/job.py`: the repository root replaces this folder on sys.path, so that `pipeline` is the
-# package and this folder's pipeline.py is bench.pipeline.
+# Run as `python bench/job.py`: the repository root replaces this folder on sys.path, so that this folder's
+# modules import as `bench.*`.
 if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
@@ -44,15 +44,15 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.driver import connect_ray, run_job  # noqa: E402
-from jobs.spec import JobSpec  # noqa: E402
-from pipeline import WuerstchenPipeline  # noqa: E402
-from pipeline.compile_cache import CompileCache  # noqa: E402
-from pipeline.tiny import write_tiny_checkpoints  # noqa: E402
-from store.encoding import encode_image  # noqa: E402
-from store.manifest import read_manifest  # noqa: E402
-from store.runs import read_runs  # noqa: E402
-from store.storage import open_output  # noqa: E402
+from wurstfabrik.jobs.driver import connect_ray, run_job  # noqa: E402
+from wurstfabrik.jobs.spec import JobSpec  # noqa: E402
+from wurstfabrik.pipeline import WuerstchenPipeline  # noqa: E402
+from wurstfabrik.pipeline.compile_cache import CompileCache  # noqa: E402
+from wurstfabrik.pipeline.tiny import write_tiny_checkpoints  # noqa: E402
+from wurstfabrik.store.encoding import encode_image  # noqa: E402
+from wurstfabrik.store.manifest import read_manifest  # noqa: E402
+from wurstfabrik.store.runs import read_runs  # noqa: E402
+from wurstfabrik.store.storage import open_output  # noqa: E402
 
 SUBJECTS = ("a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sausage stand", "a sailing boat",
             "a mountain lake", "a robot barista")

@@ -7,27 +7,21 @@ process holds the output's lease (a local folder).
 The spec names checkpoints and prompts that do not exist: a refused run must not look at them.
 """
 
+import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
-
-# Run as `python bench/lease_refusal.py`, this folder comes first on sys.path and bench/pipeline.py would shadow
-# the package.
-if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 
 def refused_run(spec: Path) -> tuple[float, float]:
     """Wall and CPU seconds of one `wurstfabrik run` of `spec`; it must exit 3."""
     started = time.monotonic()
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec), "--no-progress"],
+    driver = subprocess.Popen([sys.executable, "-m", "wurstfabrik.jobs.cli", "run", str(spec), "--no-progress"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(driver.pid, 0)
     driver.returncode = os.waitstatus_to_exitcode(status)
@@ -37,8 +31,8 @@ def refused_run(spec: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    from store.lease import Holder, Lease
-    from store.storage import open_output
+    from wurstfabrik.store.lease import Holder, Lease
+    from wurstfabrik.store.storage import open_output
 
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--tries", type=int, default=5)

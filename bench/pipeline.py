@@ -11,13 +11,6 @@ embeddings batch × batch when given several images, so a batch of different pro
 decoder is called once per prompt. The warm-up tries the batched calls and says what it found.
 """
 
-import sys
-from pathlib import Path
-
-# Run as `python bench/pipeline.py`, this folder comes first on sys.path and this file would shadow the package.
-if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import argparse
 import contextlib
 import gc
@@ -28,6 +21,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,8 +38,8 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
-from pipeline import WuerstchenPipeline, decoder_seed
-from pipeline.tiny import write_tiny_checkpoints
+from wurstfabrik.pipeline import WuerstchenPipeline, decoder_seed
+from wurstfabrik.pipeline.tiny import write_tiny_checkpoints
 
 # The published architecture sizes (warp-ai/wuerstchen-prior and warp-ai/wuerstchen).
 FULL_PRIOR = dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24)

@@ -11,21 +11,16 @@ Each measurement runs in a fresh process that imports the driver (Ray, torch) as
 done images, scan and check every input row, cut read units) and `wurstfabrik status`.
 """
 
+import argparse
+import json
+import os
+import platform
+import subprocess
 import sys
+import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
-
-# Run as `python bench/plan.py`, this folder comes first on sys.path and bench/pipeline.py would shadow the package.
-if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 
 NEW_PROMPTS = 16
 
@@ -37,9 +32,9 @@ def write_inputs(folder: Path, n: int) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from store.manifest import FANOUT, MANIFEST_SCHEMA, TIER_BASE, store_part, write_job_params
-    from store.prompts import row_ids
-    from store.storage import open_output
+    from wurstfabrik.store.manifest import FANOUT, MANIFEST_SCHEMA, TIER_BASE, store_part, write_job_params
+    from wurstfabrik.store.prompts import row_ids
+    from wurstfabrik.store.storage import open_output
 
     rows = np.arange(n + NEW_PROMPTS)
     prompts = pc.binary_join_element_wise("a sausage stand at dusk, take", pc.cast(pa.array(rows), pa.string()), " ")
@@ -98,12 +93,12 @@ def _manifest_rows(ids, prompts, schema):
 
 MEASURE = """
 import json, sys, time
-import jobs.driver  # the driver's imports (Ray, torch), as a run has them
-from jobs.plan import plan_units, scan_inputs
-from jobs.spec import JobSpec
-from jobs.status import status_report
-from store.manifest import read_manifest
-from store.storage import open_output
+import wurstfabrik.jobs.driver  # the driver's imports (Ray, torch), as a run has them
+from wurstfabrik.jobs.plan import plan_units, scan_inputs
+from wurstfabrik.jobs.spec import JobSpec
+from wurstfabrik.jobs.status import status_report
+from wurstfabrik.store.manifest import read_manifest
+from wurstfabrik.store.storage import open_output
 what, prompts, out = sys.argv[1:4]
 start = time.perf_counter()
 if what == "status":

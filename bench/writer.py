@@ -8,26 +8,20 @@ PNG cannot compress) or a flat colour (which it compresses to nothing). Everythi
 core: the encoder stage (encode + sha256) and then the writer stage of each output format to a local folder.
 """
 
-import sys
-from pathlib import Path
 
-# Run as `python bench/writer.py`, this folder comes first on sys.path and bench/pipeline.py would shadow the package.
-if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import argparse
+import hashlib
+import itertools
+import os
+import platform
+import tempfile
+import time
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import itertools  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from store.encoding import encode_image  # noqa: E402
-from store.formats import Sample, open_format  # noqa: E402
-from store.storage import open_output  # noqa: E402
+from wurstfabrik.store.encoding import encode_image
+from wurstfabrik.store.formats import Sample, open_format
+from wurstfabrik.store.storage import open_output
 
 
 def images(n: int, size: int) -> list[np.ndarray]:

@@ -10,8 +10,8 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from store.lease import Holder, Lease
-from store.storage import S3Settings, open_output
+from wurstfabrik.store.lease import Holder, Lease
+from wurstfabrik.store.storage import S3Settings, open_output
 
 from .spec import JobSpec
 from .supervisor import LeaseKeeper, Supervisor

@@ -14,10 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
-from store.ids import InputError
-from store.lease import LeaseHeld
-from store.manifest import ManifestError
-from store.storage import StorageError
+from wurstfabrik.store.ids import InputError
+from wurstfabrik.store.lease import LeaseHeld
+from wurstfabrik.store.manifest import ManifestError
+from wurstfabrik.store.storage import StorageError
 
 from .claim import claim_output
 from .exit_codes import EXIT_INCOMPLETE, EXIT_LEASED, EXIT_REFUSED, help_table
@@ -33,6 +33,9 @@ USER_ERRORS = (SpecError, InputError, StorageError, ManifestError, NoJob, Nothin
 FIX_FIRST = "a rerun alone cannot fix this"
 DEMO_SUBJECTS = ("a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sausage stand", "a sailing boat")
 DEMO_STYLES = ("watercolor", "oil painting", "photo at dusk", "pixel art", "pencil sketch", "isometric render")
+# Small CPU shares: both actors, a reader, an encoder and a writer fit a 2-core machine's Ray, a local one started
+# by the demo or one started by hand (`ray start --head`) that the demo joins.
+DEMO_PLACEMENT = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25}
 
 
 def print_summary(summary: dict) -> None:
@@ -46,7 +49,7 @@ def run(spec: JobSpec, force: bool, progress: bool) -> int:
     try:
         with claim_output(spec) as claim:
             # Imported once the output is ours: a run refused by the lease never loads torch or Ray.
-            from pipeline.errors import CheckpointError
+            from wurstfabrik.pipeline.errors import CheckpointError
 
             from .driver import JobError, run_claimed
 
@@ -91,7 +94,7 @@ def write_demo_inputs(folder: Path) -> tuple[Path, Path, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.tiny import write_tiny_checkpoints
+    from wurstfabrik.pipeline.tiny import write_tiny_checkpoints
 
     prior, decoder = folder / "checkpoints" / "prior", folder / "checkpoints" / "decoder"
     if not (prior / "model_index.json").exists() or not (decoder / "model_index.json").exists():
@@ -108,7 +111,8 @@ def demo(folder: Path, overrides: list[str], progress: bool) -> int:
     print(f"demo: tiny random-weight checkpoints in {prior.parent} (their images are noise), "
           f"{prompts} holds the prompts")
     spec = JobSpec.from_dict({"prompts": str(prompts), "output": str(folder / "output"), "prior": str(prior),
-                              "decoder": str(decoder), "height": 256, "width": 256}).with_overrides(overrides)
+                              "decoder": str(decoder), "height": 256, "width": 256,
+                              "placement": DEMO_PLACEMENT}).with_overrides(overrides)
     code = run(spec, force=False, progress=progress)
     print(f"output: {spec.output} (`wurstfabrik status {spec.output}`, `wurstfabrik preview {spec.output}`)")
     return code

@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from pipeline.geometry import Geometry
-from pipeline.prompt_syntax import check_prompt_syntax
-from store.formats import OutputFormat, open_format
-from store.formats.shards import shard_number, stored_shard_numbers
-from store.manifest import (
+from wurstfabrik.pipeline.geometry import Geometry
+from wurstfabrik.pipeline.prompt_syntax import check_prompt_syntax
+from wurstfabrik.store.formats import OutputFormat, open_format
+from wurstfabrik.store.formats.shards import shard_number, stored_shard_numbers
+from wurstfabrik.store.manifest import (
     MANIFEST_SCHEMA,
     ManifestError,
     compact,
@@ -39,18 +39,18 @@ from store.manifest import (
     write_job_params,
     write_summary,
 )
-from store.runs import DID_NOT_FINISH, RUNNING, unfinished_runs, write_run
-from store.storage import Output, StorageError
-from workers.decoder_stage import DecoderStage
-from workers.encoder_stage import encode_images
-from workers.faults import FAULTS_ENV
-from workers.fp8_probe import fp8_gpu_problem
-from workers.fused_stage import FusedStage
-from workers.models import StageModels
-from workers.prior_stage import PriorStage
-from workers.reader_stage import read_unit
-from workers.shard_numbers import ShardNumbers
-from workers.writer_stage import STORAGE_ERROR, STORAGE_TRANSIENT, manifest_rows, write_images
+from wurstfabrik.store.runs import DID_NOT_FINISH, RUNNING, unfinished_runs, write_run
+from wurstfabrik.store.storage import Output, StorageError
+from wurstfabrik.workers.decoder_stage import DecoderStage
+from wurstfabrik.workers.encoder_stage import encode_images
+from wurstfabrik.workers.faults import FAULTS_ENV
+from wurstfabrik.workers.fp8_probe import fp8_gpu_problem
+from wurstfabrik.workers.fused_stage import FusedStage
+from wurstfabrik.workers.models import StageModels
+from wurstfabrik.workers.prior_stage import PriorStage
+from wurstfabrik.workers.reader_stage import read_unit
+from wurstfabrik.workers.shard_numbers import ShardNumbers
+from wurstfabrik.workers.writer_stage import STORAGE_ERROR, STORAGE_TRANSIENT, manifest_rows, write_images
 
 from .claim import Claim, claim_output, now, submission_id
 from .dataflow_stats import operator_stats

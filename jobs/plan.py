@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from store.ids import InputError
-from store.manifest import INPUT_ERROR_PREFIX
-from store.membership import is_member
-from store.prompts import (
+from wurstfabrik.store.ids import InputError
+from wurstfabrik.store.manifest import INPUT_ERROR_PREFIX
+from wurstfabrik.store.membership import is_member
+from wurstfabrik.store.prompts import (
     Columns,
     ReadUnit,
     check_columns,
@@ -29,7 +29,7 @@ from store.prompts import (
     row_problems,
     size_keys,
 )
-from store.storage import S3Settings, StorageError, list_files
+from wurstfabrik.store.storage import S3Settings, StorageError, list_files
 
 MAX_REPORTED_PROBLEMS = 20
 # Rows per read unit: one read task's worth; a row group of a million rows becomes a few dozen units.

@@ -12,11 +12,11 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
-from store.encoding import extension
-from store.formats import open_format
-from store.ids import sample_key
-from store.manifest import read_job_params, read_manifest
-from store.storage import open_output
+from wurstfabrik.store.encoding import extension
+from wurstfabrik.store.formats import open_format
+from wurstfabrik.store.ids import sample_key
+from wurstfabrik.store.manifest import read_job_params, read_manifest
+from wurstfabrik.store.storage import open_output
 
 PREVIEW_PREFIX = "preview/"
 THUMB = 256

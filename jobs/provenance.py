@@ -9,7 +9,7 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from pipeline.checkpoint_info import inspect_checkpoint
+from wurstfabrik.pipeline.checkpoint_info import inspect_checkpoint
 
 from .spec import LATER_GENERATION_DEFAULTS
 

@@ -1,7 +1,7 @@
 """The job spec's reference, generated from JobSpec so that it cannot drift from it: the JSON Schema that
 `wurstfabrik schema` prints (shipped as schema/job.schema.json, for editors) and the field table in docs/jobs.md.
 
-`python -m jobs.schema` rewrites both files from the model; tests/test_schema.py fails while either differs.
+`python -m wurstfabrik.jobs.schema` rewrites both files from the model; tests/test_schema.py fails while either differs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from .spec import JobSpec
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = REPO / "schema" / "job.schema.json"
 DOCS_FILE = REPO / "docs" / "jobs.md"
-TABLE_BEGIN = "<!-- spec-table: written by `python -m jobs.schema` from jobs/spec.py; edit the docstrings there -->"
+TABLE_BEGIN = ("<!-- spec-table: written by `python -m wurstfabrik.jobs.schema` from jobs/spec.py; edit the docstrings "
+               "there -->")
 TABLE_END = "<!-- end of spec-table -->"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from store.prompts import MAX_SIDE
+from wurstfabrik.store.prompts import MAX_SIDE
 
 SEED_LIMIT = 2**63
 

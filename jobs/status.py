@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from store.lease import read_holder
-from store.manifest import image_states, read_job_params
-from store.runs import DID_NOT_FINISH, RUNNING, read_runs
-from store.storage import open_output
+from wurstfabrik.store.lease import read_holder
+from wurstfabrik.store.manifest import image_states, read_job_params
+from wurstfabrik.store.runs import DID_NOT_FINISH, RUNNING, read_runs
+from wurstfabrik.store.storage import open_output
 
 SHOWN_FAILURES = 10
 SHOWN_RUNS = 5

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from store.lease import Lease, LeaseLost
-from store.storage import StorageError
+from wurstfabrik.store.lease import Lease, LeaseLost
+from wurstfabrik.store.storage import StorageError
 
 log = logging.getLogger("wurstfabrik")
 # Exit codes a scheduler can act on (also in the README).

@@ -1,16 +1,20 @@
-"""What `wurstfabrik --version` reports: this installation's versions and whether torch sees CUDA, the first things
-asked when a job behaves differently on two machines."""
+"""What `wurstfabrik --version` reports: this installation's versions, where its package was imported from, and
+whether torch sees CUDA, the first things asked when a job behaves differently on two machines."""
 
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 
 from .provenance import wurstfabrik_version
 
 
 def version_report() -> str:
-    lines = [f"wurstfabrik {wurstfabrik_version()}", f"Python {platform.python_version()}",
+    import wurstfabrik
+
+    lines = [f"wurstfabrik {wurstfabrik_version()} ({Path(wurstfabrik.__file__).parent})",
+             f"Python {platform.python_version()}",
              f"Ray {_installed('ray')}"]
     try:
         import torch  # only here: importing torch takes a few seconds, and every other command's start would pay it

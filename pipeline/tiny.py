@@ -3,9 +3,9 @@
 Their images are noise: the weights are random. They exist so that everything downstream of loading
 (the real loading code included) runs without the published multi-GB checkpoints.
 
-    python -m pipeline.tiny OUT_DIR                     # writes OUT_DIR/prior and OUT_DIR/decoder
-    python -m pipeline.tiny OUT_DIR --model-only-prior  # and OUT_DIR/prior-model, a model-only prior whose text
-                                                        # encoder is OUT_DIR/prior's (prior_text)
+    python -m wurstfabrik.pipeline.tiny OUT_DIR                     # writes OUT_DIR/prior and OUT_DIR/decoder
+    python -m wurstfabrik.pipeline.tiny OUT_DIR --model-only-prior  # and OUT_DIR/prior-model, a model-only prior
+                                                                    # whose text encoder is OUT_DIR/prior's
 """
 
 import argparse
@@ -171,7 +171,7 @@ def write_model_only_prior(folder, seed: int = 100) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m wurstfabrik.pipeline.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write prior/ and decoder/ into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-only-prior", action="store_true", help="also write prior-model/, a model-only prior")

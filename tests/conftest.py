@@ -270,7 +270,7 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     """The prior and decoder checkpoint folders of `pipeline.tiny` (random weights: their images are noise)."""
-    from pipeline.tiny import write_tiny_checkpoints
+    from wurstfabrik.pipeline.tiny import write_tiny_checkpoints
 
     return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 
@@ -330,6 +330,8 @@ def ray_head(env: dict[str, str], num_cpus: int):
     ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",
                              "--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                             # the agent's default port is taken by any other local Ray's agent (the tests' own)
+                             f"--dashboard-agent-listen-port={free_port()}",
                              f"--temp-dir={ray_dir}"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import start_ray
 
-from jobs.spec import JobSpec
-from store.manifest import latest_status, read_manifest
+from wurstfabrik.jobs.spec import JobSpec
+from wurstfabrik.store.manifest import latest_status, read_manifest
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen", "an astronaut riding a horse",
            "sausages on a grill", "a city street in the rain"]
@@ -71,8 +71,9 @@ def start_local_ray(env: dict[str, str | None], num_cpus: int = 2) -> None:
 def start_driver(spec: JobSpec, folder: Path, ray_address: str, **popen) -> subprocess.Popen:
     """`wurstfabrik run` of the spec in a process of its own, joining the test Ray, in its own process group."""
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec_file(spec, folder / "job.yaml")),
-                             "--no-progress"], env=env, start_new_session=True, **popen)
+    return subprocess.Popen([sys.executable, "-m", "wurstfabrik.jobs.cli", "run",
+                             str(spec_file(spec, folder / "job.yaml")), "--no-progress"],
+                            env=env, start_new_session=True, **popen)
 
 
 def wait_for_parts(out: Path, count: int, process: subprocess.Popen | None = None, timeout: float = 240) -> None:

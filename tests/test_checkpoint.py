@@ -16,7 +16,7 @@ from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from pipeline import (
+from wurstfabrik.pipeline import (
     CheckpointError,
     PriorPipeline,
     WuerstchenPipeline,
@@ -24,8 +24,8 @@ from pipeline import (
     load_component,
     resolve_checkpoint,
 )
-from pipeline.checkpoint import hub_patterns
-from pipeline.tiny import write_model_only_prior, write_tiny_checkpoints
+from wurstfabrik.pipeline.checkpoint import hub_patterns
+from wurstfabrik.pipeline.tiny import write_model_only_prior, write_tiny_checkpoints
 
 torch.set_num_threads(1)
 

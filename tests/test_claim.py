@@ -9,9 +9,9 @@ import time
 import pytest
 from job_helpers import PROMPTS, make_spec, spec_file, write_prompts
 
-from jobs.claim import claim_output
-from store.lease import Holder, Lease, LeaseHeld, read_holder
-from store.storage import open_output
+from wurstfabrik.jobs.claim import claim_output
+from wurstfabrik.store.lease import Holder, Lease, LeaseHeld, read_holder
+from wurstfabrik.store.storage import open_output
 
 REFUSED_WITHIN_S = 3.0
 
@@ -32,8 +32,8 @@ def test_a_run_on_a_held_output_is_refused_in_seconds_before_torch_or_ray(output
     output = open_output(output_uri)
     Lease(output, Holder.for_this_process("nightly-1", "raysubmit_abc")).acquire()
     spec = make_spec(tiny_checkpoints, write_prompts(tmp_path / "p.parquet", PROMPTS[:2]), output_uri)
-    command = [sys.executable, "-X", "importtime", "-m", "jobs.cli", "run", str(spec_file(spec, tmp_path / "j.yaml")),
-               "--no-progress"]
+    command = [sys.executable, "-X", "importtime", "-m", "wurstfabrik.jobs.cli", "run",
+               str(spec_file(spec, tmp_path / "j.yaml")), "--no-progress"]
     with open(tmp_path / "stderr", "w+") as stderr:
         started = time.monotonic()
         driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -47,8 +47,8 @@ def test_a_run_on_a_held_output_is_refused_in_seconds_before_torch_or_ray(output
     assert len(said) == 1 and said[0].startswith("error: ") and "in use by run nightly-1" in said[0], said
     assert "raysubmit_abc" in said[0] and "last renewed" in said[0]
     imported = imported_modules(lines)
-    assert "jobs.claim" in imported  # the report is there to read
-    assert not {"torch", "ray", "jobs.driver"} & imported
+    assert "wurstfabrik.jobs.claim" in imported  # the report is there to read
+    assert not {"torch", "ray", "wurstfabrik.jobs.driver"} & imported
     # CPU time, not wall time: the bound holds on an idle 2-core machine, and a loaded test machine does not
     # stretch the CPU a run spends.
     cpu = usage.ru_utime + usage.ru_stime

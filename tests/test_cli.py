@@ -1,21 +1,24 @@
-"""The CLI's own help: `wurstfabrik --version` in a fresh process says what this installation runs on, and
-`wurstfabrik run --help` lists the exit codes and where the reference is."""
+"""The CLI's own help: `wurstfabrik --version` in a fresh process says what this installation runs on and where its
+package is, and `wurstfabrik run --help` lists the exit codes and where the reference is."""
 
 import re
 import subprocess
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
 
-from jobs.cli import main
+from wurstfabrik.jobs.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_version_names_wurstfabrik_python_ray_torch_and_cuda():
     done = subprocess.run(["wurstfabrik", "--version"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert re.fullmatch(r"wurstfabrik \S+", lines[0])
+    assert lines[0] == f"wurstfabrik {version('wurstfabrik')} ({ROOT})"  # the package's folder: this checkout
     assert re.fullmatch(r"Python 3\.\d+\.\d+", lines[1])
     assert lines[2] == f"Ray {version('ray')}"
     assert lines[3] == f"torch {torch.__version__}"

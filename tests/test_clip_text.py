@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from pipeline.clip_text import load_clip_text
-from pipeline.errors import CheckpointError
+from wurstfabrik.pipeline.clip_text import load_clip_text
+from wurstfabrik.pipeline.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = torch.tensor([[49, 7, 12, 50, 0, 0, 0, 0], [49, 3, 4, 5, 6, 7, 8, 50], [49, 50, 0, 0, 0, 0, 0, 0]])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.spec import JobSpec, load_spec
+from wurstfabrik.jobs.spec import JobSpec, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster.yaml"

@@ -14,11 +14,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from jobs.driver import run_job
-from jobs.spec import JobSpec
-from store.manifest import latest_status, read_manifest
-from store.storage import open_output
-from workers.faults import FAULTS_ENV
+from wurstfabrik.jobs.driver import run_job
+from wurstfabrik.jobs.spec import JobSpec
+from wurstfabrik.store.manifest import latest_status, read_manifest
+from wurstfabrik.store.storage import open_output
+from wurstfabrik.workers.faults import FAULTS_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 

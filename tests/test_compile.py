@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from pipeline import DecoderPipeline, PriorPipeline
-from pipeline.compile_cache import CompileCache
-from pipeline.compiled import (
+from wurstfabrik.pipeline import DecoderPipeline, PriorPipeline
+from wurstfabrik.pipeline.compile_cache import CompileCache
+from wurstfabrik.pipeline.compiled import (
     CompileOptions,
     Denoiser,
     buckets_up_to,

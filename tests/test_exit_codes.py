@@ -13,10 +13,10 @@ from conftest import s3_environment, set_environment
 from fault_proxy import FaultProxy
 from job_helpers import PROMPTS, make_spec, ok_keys_once, spec_file, start_local_ray, write_prompts
 
-from jobs.cli import main
-from store.lease import read_holder
-from store.manifest import write_job_params
-from store.storage import open_output
+from wurstfabrik.jobs.cli import main
+from wurstfabrik.store.lease import read_holder
+from wurstfabrik.store.manifest import write_job_params
+from wurstfabrik.store.storage import open_output
 
 
 def run_cli(spec, tmp_path) -> int:

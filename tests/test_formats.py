@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from store.encoding import encode_image
-from store.formats import Sample, open_format
-from store.formats.shards import stored_shard_numbers
-from store.ids import image_key
-from store.storage import StorageError, open_output
-from workers.shard_numbers import ShardNumberBook
+from wurstfabrik.store.encoding import encode_image
+from wurstfabrik.store.formats import Sample, open_format
+from wurstfabrik.store.formats.shards import stored_shard_numbers
+from wurstfabrik.store.ids import image_key
+from wurstfabrik.store.storage import StorageError, open_output
+from wurstfabrik.workers.shard_numbers import ShardNumberBook
 
 
 def samples(n: int, failed: tuple[int, ...] = (), prefix: str = "p") -> list[Sample]:

@@ -11,17 +11,17 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from jobs.driver import JobError, check_resume
-from jobs.provenance import job_id, job_params, sample_provenance
-from jobs.spec import GENERATION_FIELDS, SpecError, default_spec
-from pipeline import DecoderPipeline, PriorPipeline, WuerstchenPipeline, load_component
-from pipeline.compiled import CompileOptions
-from pipeline.fp8 import E4M3_MAX, Float8Linear, check_quantize, fp8_problem, quantize_linears, rowwise_fp8
-from pipeline.geometry import Geometry
-from store.manifest import write_job_params
-from store.storage import open_output
-from workers.fp8_probe import fp8_gpu_problem
-from workers.models import StageModels
+from wurstfabrik.jobs.driver import JobError, check_resume
+from wurstfabrik.jobs.provenance import job_id, job_params, sample_provenance
+from wurstfabrik.jobs.spec import GENERATION_FIELDS, SpecError, default_spec
+from wurstfabrik.pipeline import DecoderPipeline, PriorPipeline, WuerstchenPipeline, load_component
+from wurstfabrik.pipeline.compiled import CompileOptions
+from wurstfabrik.pipeline.fp8 import E4M3_MAX, Float8Linear, check_quantize, fp8_problem, quantize_linears, rowwise_fp8
+from wurstfabrik.pipeline.geometry import Geometry
+from wurstfabrik.store.manifest import write_job_params
+from wurstfabrik.store.storage import open_output
+from wurstfabrik.workers.fp8_probe import fp8_gpu_problem
+from wurstfabrik.workers.models import StageModels
 
 torch.set_num_threads(1)
 

@@ -5,6 +5,7 @@ on a GPU. It starts its own Ray and compiles with dynamo, so it is marked slow (
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,25 @@ def test_a_part_over_its_limit_is_stopped_and_reported(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "| gpu | 124 | time limit reached, no results file |" in done.stdout
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["installed", "a copy installed nowhere"])
+def test_the_suite_imports_this_checkout_as_wurstfabrik(tmp_path, installed):
+    """On the GPU machines the checkout is a copy of the working tree that no pip installed: bench/package_path.sh
+    (sourced by the suite) must make `import wurstfabrik` find it there, and change nothing where it is installed.
+    A `python` that skips site-packages (-S) stands for the GPU machine's: the editable install is not seen."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if not installed:
+        (bin_dir / "python").write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+        (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    script = (". bench/package_path.sh && python -c 'import wurstfabrik.jobs.exit_codes as m; print(m.__file__)' "
+              "&& echo \"$PYTHONPATH\"")
+    done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    module, path = done.stdout.splitlines()
+    assert Path(module).resolve() == ROOT / "jobs" / "exit_codes.py"
+    assert path.split(os.pathsep)[0] == str(ROOT)
+    assert (len(path.split(os.pathsep)) == 1) == installed

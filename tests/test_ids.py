@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from store.ids import (
+from wurstfabrik.store.ids import (
     MAX_ID_LENGTH,
     SEED_LIMIT,
     InputError,

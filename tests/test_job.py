@@ -18,22 +18,23 @@ from conftest import shared_ray
 from job_helpers import PROMPTS, image_files, kill_driver_after_parts, make_spec, ok_rows, spec_file, write_prompts
 from PIL import Image
 
-from jobs.cli import main
-from jobs.driver import JobResult, run_job
-from jobs.spec import JobSpec
-from pipeline import WuerstchenPipeline
-from store.ids import image_key
-from store.manifest import latest_status, read_manifest
-from store.runs import read_runs
-from store.storage import open_output
-from workers.faults import FAULTS_ENV
+from wurstfabrik.jobs.cli import main
+from wurstfabrik.jobs.driver import JobResult, run_job
+from wurstfabrik.jobs.spec import JobSpec
+from wurstfabrik.pipeline import WuerstchenPipeline
+from wurstfabrik.store.ids import image_key
+from wurstfabrik.store.manifest import latest_status, read_manifest
+from wurstfabrik.store.runs import read_runs
+from wurstfabrik.store.storage import open_output
+from wurstfabrik.workers.faults import FAULTS_ENV
 
 torch.set_num_threads(1)
 
 
 def test_local_job_writes_every_image_once_and_matches_the_bare_pipeline(ray_local, tiny_checkpoints, tmp_path,
                                                                          monkeypatch):
-    monkeypatch.setattr("jobs.driver.COMPACT_EVERY_S", 0)  # merge the manifest's parts while the job runs, too
+    # merge the manifest's parts while the job runs, too
+    monkeypatch.setattr("wurstfabrik.jobs.driver.COMPACT_EVERY_S", 0)
     prompts = write_prompts(tmp_path / "prompts.parquet", row_group_size=4,
                             size=[128, 256, 128, 256, 128, 128])
     out = tmp_path / "out"
@@ -284,7 +285,7 @@ def test_s3_problems_are_clear(tiny_checkpoints, tmp_path, capsys, s3_env, s3_bu
 
 
 def test_a_model_only_prior_takes_its_text_encoder_from_prior_text(ray_local, tiny_checkpoints, tmp_path):
-    from pipeline.tiny import write_model_only_prior
+    from wurstfabrik.pipeline.tiny import write_model_only_prior
 
     prior, _ = tiny_checkpoints
     model_only = write_model_only_prior(tmp_path / "prior-model-interpolated")

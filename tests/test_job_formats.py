@@ -16,10 +16,10 @@ from conftest import shared_ray
 from job_helpers import PROMPTS, kill_driver_after_parts, make_spec, ok_keys_once, ok_rows, write_prompts
 from PIL import Image
 
-from jobs.cli import main
-from jobs.driver import run_job
-from jobs.preview import THUMB, grid, write_preview
-from store.storage import open_output
+from wurstfabrik.jobs.cli import main
+from wurstfabrik.jobs.driver import run_job
+from wurstfabrik.jobs.preview import THUMB, grid, write_preview
+from wurstfabrik.store.storage import open_output
 
 FORMATS = ("files", "webdataset", "parquet")
 # One image per model batch: each image is then computed alone and comes out bit-identical in every run.

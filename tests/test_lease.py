@@ -5,8 +5,8 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from store.lease import LEASE_KEY, Holder, Lease, LeaseHeld, LeaseLost, read_holder
-from store.storage import open_output
+from wurstfabrik.store.lease import LEASE_KEY, Holder, Lease, LeaseHeld, LeaseLost, read_holder
+from wurstfabrik.store.storage import open_output
 
 
 @pytest.fixture(params=["local", "moto"])

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from store.manifest import (
+from wurstfabrik.store.manifest import (
     FANOUT,
     MANIFEST_PREFIX,
     MANIFEST_SCHEMA,
@@ -32,7 +32,7 @@ from store.manifest import (
     write_part,
     write_summary,
 )
-from store.storage import LocalOutput
+from wurstfabrik.store.storage import LocalOutput
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -287,8 +287,8 @@ def test_compact_leaves_fewer_than_fanout_parts_of_a_tier_alone(output):
 
 
 def test_compaction_is_size_tiered_and_parts_grow_with_the_log_of_rows(output, monkeypatch):
-    monkeypatch.setattr("store.manifest.FANOUT", 4)
-    monkeypatch.setattr("store.manifest.TIER_BASE", 2)
+    monkeypatch.setattr("wurstfabrik.store.manifest.FANOUT", 4)
+    monkeypatch.setattr("wurstfabrik.store.manifest.TIER_BASE", 2)
     rows = 0
     for batch in range(64):
         write_part(output, [ok_row(f"b{batch}-{i}") for i in range(2)])

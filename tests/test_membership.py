@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from store.membership import count_distinct, is_member
+from wurstfabrik.store.membership import count_distinct, is_member
 
 
 @pytest.mark.parametrize("kind", [pa.string(), pa.large_string()])

@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 
-from pipeline import CheckpointError, DecoderPipeline, PriorPipeline, WuerstchenPipeline, load_component
-from pipeline.text import TextEncoder
-from pipeline.tiny import write_model_only_prior
+from wurstfabrik.pipeline import CheckpointError, DecoderPipeline, PriorPipeline, WuerstchenPipeline, load_component
+from wurstfabrik.pipeline.text import TextEncoder
+from wurstfabrik.pipeline.tiny import write_model_only_prior
 
 torch.set_num_threads(1)
 

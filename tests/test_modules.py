@@ -5,10 +5,10 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
-from pipeline import load_component
-from pipeline.decoder import StageB
-from pipeline.prior import StageC
-from pipeline.vqgan import StageA
+from wurstfabrik.pipeline import load_component
+from wurstfabrik.pipeline.decoder import StageB
+from wurstfabrik.pipeline.prior import StageC
+from wurstfabrik.pipeline.vqgan import StageA
 
 torch.set_num_threads(1)
 

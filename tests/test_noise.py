@@ -6,7 +6,7 @@ import hashlib
 import pytest
 import torch
 
-from pipeline.noise import MAX_SEED, ImageNoise, decoder_seed
+from wurstfabrik.pipeline.noise import MAX_SEED, ImageNoise, decoder_seed
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import WuerstchenPipeline
-from pipeline.checkpoint import default_dtype
-from pipeline.offload import CopyStream, Offloader, host_copy
+from wurstfabrik.pipeline import WuerstchenPipeline
+from wurstfabrik.pipeline.checkpoint import default_dtype
+from wurstfabrik.pipeline.offload import CopyStream, Offloader, host_copy
 
 torch.set_num_threads(1)
 

@@ -18,8 +18,8 @@ from diffusers.pipelines.deprecated.wuerstchen import (
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline import WuerstchenPipeline, decoder_seed
-from pipeline.tiny import write_tiny_checkpoints
+from wurstfabrik.pipeline import WuerstchenPipeline, decoder_seed
+from wurstfabrik.pipeline.tiny import write_tiny_checkpoints
 
 torch.set_num_threads(1)
 

@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.plan import plan_job, plan_units, scan_inputs
-from jobs.spec import JobSpec
-from jobs.status import status_report
-from store.ids import InputError, image_seed, row_id, sanitize_id
-from store.manifest import MANIFEST_SCHEMA, read_manifest, store_part, write_job_params
-from store.prompts import ReadUnit, unit_images
-from store.storage import open_output
+from wurstfabrik.jobs.plan import plan_job, plan_units, scan_inputs
+from wurstfabrik.jobs.spec import JobSpec
+from wurstfabrik.jobs.status import status_report
+from wurstfabrik.store.ids import InputError, image_seed, row_id, sanitize_id
+from wurstfabrik.store.manifest import MANIFEST_SCHEMA, read_manifest, store_part, write_job_params
+from wurstfabrik.store.prompts import ReadUnit, unit_images
+from wurstfabrik.store.storage import open_output
 
 
 def fits(height: int, width: int) -> str | None:
@@ -93,7 +93,7 @@ def test_skipped_bad_rows_become_failed_images_and_the_rest_is_planned(tmp_path)
 
 
 def test_done_images_are_left_out_and_partial_units_keep_their_offsets(tmp_path, monkeypatch):
-    monkeypatch.setattr("jobs.plan.UNIT_ROWS", 4)
+    monkeypatch.setattr("wurstfabrik.jobs.plan.UNIT_ROWS", 4)
     pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(10)]}), tmp_path / "p.parquet")
     spec = spec_for(tmp_path / "p.parquet", images_per_prompt=2)
     done = pa.table({"prompt_id": [row_id("p.parquet", r) for r in (0, 1, 1, 2, 3, 9)],
@@ -111,7 +111,7 @@ def test_done_images_are_left_out_and_partial_units_keep_their_offsets(tmp_path,
 def test_read_units_hold_images_of_one_size(tmp_path, monkeypatch):
     """With per-row sizes, each unit's pending images are split by requested size (smallest first), done images left
     out as before; without size columns, a unit stays whole."""
-    monkeypatch.setattr("jobs.plan.UNIT_ROWS", 4)
+    monkeypatch.setattr("wurstfabrik.jobs.plan.UNIT_ROWS", 4)
     sides = [256, 128, 256, 128, 128, 128, 256]
     pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(7)], "side": sides}), tmp_path / "p.parquet")
     spec = spec_for(tmp_path / "p.parquet", images_per_prompt=2, height_column="side", width_column="side")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import WuerstchenPipeline
+from wurstfabrik.pipeline import WuerstchenPipeline
 
 torch.set_num_threads(1)
 

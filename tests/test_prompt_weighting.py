@@ -11,8 +11,8 @@ from compel import Compel
 from compel.prompt_parser import Blend as CompelBlend
 from compel.prompt_parser import PromptParser
 
-from pipeline import WuerstchenPipeline, check_prompt_syntax
-from pipeline.prompt_syntax import Blend, Fragment, PromptSyntaxError, parse_prompt
+from wurstfabrik.pipeline import WuerstchenPipeline, check_prompt_syntax
+from wurstfabrik.pipeline.prompt_syntax import Blend, Fragment, PromptSyntaxError, parse_prompt
 
 torch.set_num_threads(1)
 

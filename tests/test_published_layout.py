@@ -26,11 +26,11 @@ from diffusers.pipelines.deprecated.wuerstchen import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pipeline import WuerstchenPipeline, load_component
-from pipeline.decoder import StageB
-from pipeline.prior import StageC
-from pipeline.tiny import write_tiny_checkpoints
-from pipeline.vqgan import StageA
+from wurstfabrik.pipeline import WuerstchenPipeline, load_component
+from wurstfabrik.pipeline.decoder import StageB
+from wurstfabrik.pipeline.prior import StageC
+from wurstfabrik.pipeline.tiny import write_tiny_checkpoints
+from wurstfabrik.pipeline.vqgan import StageA
 
 torch.set_num_threads(1)
 

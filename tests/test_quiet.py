@@ -4,7 +4,7 @@ import io
 import logging
 import sys
 
-from jobs.quiet import quiet_ray_logs
+from wurstfabrik.jobs.quiet import quiet_ray_logs
 
 
 def test_a_ray_data_handler_made_under_another_stderr_writes_to_the_current_one(monkeypatch):

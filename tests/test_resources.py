@@ -5,8 +5,8 @@ import pytest
 import yaml
 from test_cluster_config import CLUSTER, JOB
 
-from jobs.resources import ClusterShape, demands, stage_gpus, unschedulable
-from jobs.spec import Placement, load_spec
+from wurstfabrik.jobs.resources import ClusterShape, demands, stage_gpus, unschedulable
+from wurstfabrik.jobs.spec import Placement, load_spec
 
 
 def needs(gpus=(0.0, 0.0), **fields):

@@ -27,11 +27,11 @@ from job_helpers import (
     write_prompts,
 )
 
-from jobs.cli import main
-from store.formats import open_format
-from store.ids import image_key, sample_key
-from store.manifest import part_keys
-from store.storage import open_output
+from wurstfabrik.jobs.cli import main
+from wurstfabrik.store.formats import open_format
+from wurstfabrik.store.ids import image_key, sample_key
+from wurstfabrik.store.manifest import part_keys
+from wurstfabrik.store.storage import open_output
 
 IMAGES = 12
 

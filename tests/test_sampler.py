@@ -9,9 +9,9 @@ from diffusers import DDPMWuerstchenScheduler
 from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 from test_noise import BeforeImageNoise
 
-from pipeline import WuerstchenPipeline, decoder_seed
-from pipeline.noise import ImageNoise
-from pipeline.sampler import (
+from wurstfabrik.pipeline import WuerstchenPipeline, decoder_seed
+from wurstfabrik.pipeline.noise import ImageNoise
+from wurstfabrik.pipeline.sampler import (
     DEFAULT_PRIOR_TIMESTEPS,
     alpha_cumprod,
     as_timesteps,

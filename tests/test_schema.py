@@ -9,13 +9,13 @@ import jsonschema
 import pytest
 import yaml
 
-from jobs.cli import main
-from jobs.schema import DOCS_FILE, SCHEMA_FILE, TABLE_BEGIN, field_table, undescribed_fields, with_table
-from jobs.spec import JobSpec, SpecError, load_spec
+from wurstfabrik.jobs.cli import main
+from wurstfabrik.jobs.schema import DOCS_FILE, SCHEMA_FILE, TABLE_BEGIN, field_table, undescribed_fields, with_table
+from wurstfabrik.jobs.spec import JobSpec, SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-REGENERATE = "run `python -m jobs.schema` to rewrite it from jobs/spec.py"
+REGENERATE = "run `python -m wurstfabrik.jobs.schema` to rewrite it from jobs/spec.py"
 
 
 @pytest.fixture(scope="module")

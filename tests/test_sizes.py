@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import Geometry, WuerstchenPipeline
-from pipeline.sizes import fit_to_size
+from wurstfabrik.pipeline import Geometry, WuerstchenPipeline
+from wurstfabrik.pipeline.sizes import fit_to_size
 
 torch.set_num_threads(1)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.spec import JobSpec, SpecError, default_spec, load_spec
+from wurstfabrik.jobs.spec import JobSpec, SpecError, default_spec, load_spec
 
 MINIMAL = "prompts: data/prompts.parquet\noutput: out/\n"
 

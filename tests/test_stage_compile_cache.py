@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from pipeline.compile_cache import ARTIFACTS_FILE
-from store.storage import open_output
+from wurstfabrik.pipeline.compile_cache import ARTIFACTS_FILE
+from wurstfabrik.store.storage import open_output
 
 # One process compiles a small function with inductor and keeps what it compiled; a second one, with an empty local
 # folder, must then find the artifacts (from the shared folder or from S3) and load them.
 ACTOR = """
 import sys, torch
-from workers.compile_cache import StageCompileCache
+from wurstfabrik.workers.compile_cache import StageCompileCache
 cache = StageCompileCache(sys.argv[1], "prior")
 step = torch.compile(lambda x: torch.sin(x) * 2 + 1, fullgraph=True)
 assert torch.allclose(step(torch.ones(8)), torch.sin(torch.ones(8)) * 2 + 1)

@@ -16,8 +16,8 @@ import pytest
 from conftest import s3_environment, set_environment
 from fault_proxy import FaultProxy
 
-from store.manifest import MANIFEST_SCHEMA, ManifestError, named_uris, read_manifest, write_part
-from store.storage import (
+from wurstfabrik.store.manifest import MANIFEST_SCHEMA, ManifestError, named_uris, read_manifest, write_part
+from wurstfabrik.store.storage import (
     LocalOutput,
     S3Output,
     S3Settings,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from jobs.supervisor import RunStopped, Supervisor
+from wurstfabrik.jobs.supervisor import RunStopped, Supervisor
 
 
 def test_a_stop_passes_through_a_librarys_except_exception():

@@ -28,12 +28,12 @@ from job_helpers import (
     write_prompts,
 )
 
-from jobs.cli import main
-from jobs.driver import run_job
-from store.lease import LEASE_KEY, Holder, Lease, read_holder
-from store.runs import read_runs
-from store.storage import open_output
-from workers.faults import FAULTS_ENV
+from wurstfabrik.jobs.cli import main
+from wurstfabrik.jobs.driver import run_job
+from wurstfabrik.store.lease import LEASE_KEY, Holder, Lease, read_holder
+from wurstfabrik.store.runs import read_runs
+from wurstfabrik.store.storage import open_output
+from wurstfabrik.workers.faults import FAULTS_ENV
 
 
 def run_cli(spec, tmp_path, *extra) -> int:
@@ -259,8 +259,9 @@ def test_a_healthy_run_prints_no_errors_or_warnings(tiny_checkpoints, tmp_path):
     """The CLI in a fresh process, starting its own local Ray, as the README's quick start does."""
     spec = make_spec(tiny_checkpoints, write_prompts(tmp_path / "p.parquet", PROMPTS[:2]), tmp_path / "out")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(spec_file(spec, tmp_path / "j.yaml")),
-                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "wurstfabrik.jobs.cli", "run",
+                           str(spec_file(spec, tmp_path / "j.yaml")), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     noisy = [line for line in output.splitlines()

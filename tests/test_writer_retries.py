@@ -14,14 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 from job_helpers import PROMPTS, make_spec, write_prompts
 
-from jobs.driver import run_job
-from store.encoding import encode_image
-from store.ids import image_key, sample_key
-from store.manifest import MANIFEST_PREFIX, read_manifest
-from store.storage import open_output
-from workers.batches import column
-from workers.faults import FAULTS_ENV
-from workers.writer_stage import STORAGE_ERROR, manifest_rows, write_images
+from wurstfabrik.jobs.driver import run_job
+from wurstfabrik.store.encoding import encode_image
+from wurstfabrik.store.ids import image_key, sample_key
+from wurstfabrik.store.manifest import MANIFEST_PREFIX, read_manifest
+from wurstfabrik.store.storage import open_output
+from wurstfabrik.workers.batches import column
+from wurstfabrik.workers.faults import FAULTS_ENV
+from wurstfabrik.workers.writer_stage import STORAGE_ERROR, manifest_rows, write_images
 
 IMAGES_PER_PROMPT = 2
 PROMPT_IDS = ["fox", "lighthouse", "ramen", "astro"]

@@ -8,8 +8,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pipeline.compile_cache import ARTIFACTS_FILE, CompileCache, CompileCacheError
-from store.storage import StorageError, open_output
+from wurstfabrik.pipeline.compile_cache import ARTIFACTS_FILE, CompileCache, CompileCacheError
+from wurstfabrik.store.storage import StorageError, open_output
 
 log = logging.getLogger("wurstfabrik")
 

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from store.encoding import encode_image
+from wurstfabrik.store.encoding import encode_image
 
 from .batches import column
 from .faults import fails_encoding, maybe_slow_encoding

@@ -9,7 +9,7 @@ PROBE_TIMEOUT_S = 600.0  # long enough for an autoscaler to add a GPU node; past
 def _probe() -> str | None:
     import torch
 
-    from pipeline.fp8 import fp8_problem
+    from wurstfabrik.pipeline.fp8 import fp8_problem
 
     if not torch.cuda.is_available():
         return None  # no GPU visible: the stage would run on the CPU, where FP8 works (slowly)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import DecoderPipeline, PriorPipeline
-from pipeline.geometry import Geometry
+from wurstfabrik.pipeline import DecoderPipeline, PriorPipeline
+from wurstfabrik.pipeline.geometry import Geometry
 
 from .compile_cache import StageCompileCache
 

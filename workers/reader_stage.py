@@ -1,6 +1,6 @@
 """The reader stage: a Ray Data task that turns one read unit (a slice of a Parquet row group) into image rows."""
 
-from store.prompts import ReadUnit, unit_images
+from wurstfabrik.store.prompts import ReadUnit, unit_images
 
 
 def read_unit(item: dict, spec, settings) -> list[dict]:

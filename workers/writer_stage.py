@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from store.formats import Sample, open_format
-from store.manifest import MANIFEST_SCHEMA, rows_table
-from store.storage import StorageError
+from wurstfabrik.store.formats import Sample, open_format
+from wurstfabrik.store.manifest import MANIFEST_SCHEMA, rows_table
+from wurstfabrik.store.storage import StorageError
 
 from .faults import attempt_key, maybe_kill_writer
 

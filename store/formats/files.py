@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from store.encoding import content_type, extension
-from store.ids import image_key
+from wurstfabrik.store.encoding import content_type, extension
+from wurstfabrik.store.ids import image_key
 
 from .samples import Sample, checked_image
 

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from store.storage import StorageError
+from wurstfabrik.store.storage import StorageError
 
 
 @dataclass

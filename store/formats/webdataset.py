@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.encoding import extension
-from store.ids import sample_key
+from wurstfabrik.store.encoding import extension
+from wurstfabrik.store.ids import sample_key
 
 from .samples import Sample, checked_image
 from .shards import shard_name

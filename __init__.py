@@ -1,0 +1,15 @@
+"""wurstfabrik: batch image generation with Würstchen v2 on Ray.
+
+The one import root of the distribution. Its packages are the repository's top-level folders: `wurstfabrik.pipeline`
+(the model, no Ray), `wurstfabrik.store` (outputs, manifest, formats), `wurstfabrik.workers` (the Ray Data stages)
+and `wurstfabrik.jobs` (the driver and the CLI). Importing this module imports neither torch nor Ray.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("wurstfabrik")
+except PackageNotFoundError:  # a checkout used without installing it
+    __version__ = "0+unknown"
+
+__all__ = ["__version__"]
