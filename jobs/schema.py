@@ -18,8 +18,8 @@ from .spec import JobSpec
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = REPO / "schema" / "job.schema.json"
 DOCS_FILE = REPO / "docs" / "jobs.md"
-TABLE_BEGIN = ("<!-- spec-table: written by `python -m wurstfabrik.jobs.schema` from jobs/spec.py; edit the docstrings "
-               "there -->")
+TABLE_BEGIN = ("<!-- spec-table: written by `python -m wurstfabrik.jobs.schema` from jobs/spec.py and "
+               "jobs/spec_sections.py; edit the docstrings there -->")
 TABLE_END = "<!-- end of spec-table -->"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

@@ -4,8 +4,8 @@ whether torch sees CUDA, the first things asked when a job behaves differently o
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from .provenance import wurstfabrik_version
 
