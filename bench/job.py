@@ -44,7 +44,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from wurstfabrik.jobs.driver import connect_ray, run_job  # noqa: E402
+from wurstfabrik.jobs.driver import run_job  # noqa: E402
+from wurstfabrik.jobs.ray_connection import connect_ray  # noqa: E402
 from wurstfabrik.jobs.spec import JobSpec  # noqa: E402
 from wurstfabrik.pipeline import WuerstchenPipeline  # noqa: E402
 from wurstfabrik.pipeline.compile_cache import CompileCache  # noqa: E402

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -57,7 +56,7 @@ from .dataflow_stats import operator_stats
 from .exit_codes import EXIT_DONE, EXIT_INCOMPLETE, EXIT_REFUSED, storage_exit
 from .plan import Plan, Scan, plan_units, scan_inputs
 from .provenance import checkpoint_identity, job_id, job_params, sample_provenance, wurstfabrik_version
-from .quiet import quiet_ray_logs
+from .ray_connection import connect_ray
 from .resources import READ_CPUS, ClusterShape, demands, pending_demands, stage_gpus, unschedulable
 from .spec import LATER_GENERATION_DEFAULTS, JobSpec
 from .supervisor import RunStopped, Supervisor, Watchdog
@@ -154,20 +153,6 @@ def check_resume(params: dict, output: Output, force: bool, spec: JobSpec) -> No
                        f"{', '.join(changed)}); name a new output, or pass --force to regenerate them all")
 
 
-def connect_ray(spec: JobSpec) -> None:
-    """Joins the cluster in RAY_ADDRESS (as under `ray job submit`), or starts a local Ray in-process with enough
-    logical CPUs for the placement (they are scheduling slots; the stages share the real cores)."""
-    quiet_ray_logs()
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level=logging.WARNING, log_to_driver=True)
-        else:
-            needed = sum(d.count * d.bundle.get("CPU", 0) for d in demands(spec.placement, 0, 0))
-            ray.init(num_cpus=max(math.ceil(needed), os.cpu_count() or 1), logging_level=logging.WARNING,
-                     include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows its own
-
-
 def ray_job_name() -> str | None:
     """The Ray job submission id when run by `ray job submit`, else the Ray job id once connected."""
     return submission_id() or (ray.get_runtime_context().get_job_id() if ray.is_initialized() else None)
@@ -234,6 +219,7 @@ class Run:
         self.run_id, self.started, self.clock = claim.run_id, claim.started, claim.clock
         self.settings, self.output = claim.settings, claim.output
         self.generated = self.failed = 0
+        self.cluster = ""  # which Ray the run is on, in words (jobs.ray_connection)
         self.record: dict = {}
 
     def prepare(self) -> tuple[dict, Geometry, Scan]:
@@ -288,7 +274,7 @@ def run_claimed(claim: Claim, force: bool = False, progress: bool = True) -> Job
     pass, it returns a JobResult whatever happens."""
     run = Run(claim, force, progress)
     params, geometry, scan = run.prepare()
-    connect_ray(run.spec)
+    run.cluster = connect_ray(run.spec)
     claim.supervisor.reclaim_signals()
     gpus = run.placement()
     return _run_under_lease(run, claim.supervisor, params, geometry, scan, gpus, job_id(params), claim.took_over)
