@@ -52,10 +52,11 @@ def run(spec: JobSpec, force: bool, progress: bool) -> int:
             from wurstfabrik.pipeline.errors import CheckpointError
 
             from .driver import JobError, run_claimed
+            from .ray_connection import ClusterUnusable
 
             try:
                 result = run_claimed(claim, force=force, progress=progress)
-            except (JobError, CheckpointError) as e:
+            except (JobError, CheckpointError, ClusterUnusable) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return EXIT_REFUSED
     except LeaseHeld as e:

@@ -284,8 +284,8 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
                      gpus: tuple[float, float], current_job: str, took_over) -> JobResult:
     spec, output = run.spec, run.output
     run.record = {"run_id": run.run_id, "job_id": current_job, "started": run.started, "host": os.uname().nodename,
-                  "pid": os.getpid(), "ray_job": ray_job_name(), "wurstfabrik": wurstfabrik_version(),
-                  "output": spec.output, "spec": spec.model_dump(mode="json"),
+                  "pid": os.getpid(), "ray_job": ray_job_name(), "cluster": run.cluster,
+                  "wurstfabrik": wurstfabrik_version(), "output": spec.output, "spec": spec.model_dump(mode="json"),
                   "took_over_lease_from": asdict(took_over) if took_over else None}
     plan = None
     try:
@@ -303,8 +303,9 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
                   open_format(spec.output_format, spec.format, spec.shard_size))
         run.record["planned"] = {"total_images": plan.total_images, "done_before": plan.done_images,
                                  "to_generate": plan.pending_images, "bad_input": plan.bad.num_rows}
-        log.info("%d images in all, %d already done, %d to generate%s", plan.total_images, plan.done_images,
-                 plan.pending_images, f", {plan.bad.num_rows} refused as bad input" if plan.bad.num_rows else "")
+        log.info("%d images in all, %d already done, %d to generate%s; on %s", plan.total_images, plan.done_images,
+                 plan.pending_images, f", {plan.bad.num_rows} refused as bad input" if plan.bad.num_rows else "",
+                 run.cluster)
         with supervisor.critical():
             write_job_params(output, {"job_id": current_job, "params": params, "total_images": plan.total_images,
                                       "wurstfabrik": wurstfabrik_version(), "spec": spec.model_dump(mode="json")})

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -291,7 +292,8 @@ def start_ray(env: dict[str, str | None], num_cpus: int = 2) -> str:
 
     with pytest.MonkeyPatch.context() as patch:
         set_environment(patch, env)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # "local", as the product starts its own: a record of a cluster `ray start` left behind is not joined
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return ray.get_runtime_context().gcs_address
 
 
@@ -321,18 +323,28 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90) -> 
     raise TimeoutError(f"nothing answered on port {port}")
 
 
+@dataclass
+class RayHead:
+    process: subprocess.Popen
+    gcs_address: str  # what RAY_ADDRESS takes: host:port
+
+
 @contextmanager
-def ray_head(env: dict[str, str], num_cpus: int):
+def ray_head(env: dict[str, str], num_cpus: int, recorded: bool = False):
     """`ray start --head` with a dashboard, in a process group of its own (ending it cannot touch the tests' own
-    Ray); yields the dashboard's address once the head takes jobs. `env` is the head's and the clients'."""
+    Ray); yields the dashboard's address once the head takes jobs (and with `recorded`, the RayHead too). `env` is
+    the head's and the clients'. A head is recorded as this machine's latest cluster (ray_current_cluster) in the
+    Ray folder of its temp dir: its own, unless `recorded`, when it is env's TMPDIR (which the test makes its own,
+    so other processes on the machine do not see it)."""
     ray = str(Path(sys.executable).parent / "ray")
     dashboard, gcs = free_port(), free_port()
-    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    ray_dir = None if recorded else tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # socket paths must stay short
+    assert not recorded or env.get("TMPDIR", "/tmp") != "/tmp", "a recorded head needs a TMPDIR of its own"
     head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",
                              "--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats",
                              # the agent's default port is taken by any other local Ray's agent (the tests' own)
                              f"--dashboard-agent-listen-port={free_port()}",
-                             f"--temp-dir={ray_dir}"],
+                             *([f"--temp-dir={ray_dir}"] if ray_dir else [])],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(dashboard, head)
@@ -343,9 +355,11 @@ def ray_head(env: dict[str, str], num_cpus: int):
                                        env=env, capture_output=True, text=True, timeout=120)).returncode != 0:
             assert time.monotonic() < deadline, f"the head never took a job: {probe.stderr[-2000:]}"
             time.sleep(2)
-        yield address
+        yield (address, RayHead(head, f"127.0.0.1:{gcs}")) if recorded else address
     finally:
         # Every process of this head is in its group; a graceful stop takes half a minute here and keeps nothing.
-        os.killpg(head.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
         head.wait()
-        shutil.rmtree(ray_dir, ignore_errors=True)
+        if ray_dir:
+            shutil.rmtree(ray_dir, ignore_errors=True)
