@@ -17,8 +17,9 @@ from pathlib import Path
 
 HEAVY = ("torch._dynamo", "transformers.models.clip.modeling_clip")
 LOADS = {
-    "prior (ours)": "from pipeline import PriorPipeline\nPriorPipeline.from_pretrained(PRIOR, dtype=torch.float32)",
-    "decoder (ours)": "from pipeline import DecoderPipeline\n"
+    "prior (ours)": "from wurstfabrik.pipeline import PriorPipeline\n"
+                    "PriorPipeline.from_pretrained(PRIOR, dtype=torch.float32)",
+    "decoder (ours)": "from wurstfabrik.pipeline import DecoderPipeline\n"
                       "DecoderPipeline.from_pretrained(DECODER, dtype=torch.float32)",
     "prior text encoder (transformers)": "from transformers import CLIPTextModel\n"
                                          "CLIPTextModel.from_pretrained(PRIOR + '/text_encoder', dtype=torch.float32)",

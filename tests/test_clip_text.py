@@ -93,7 +93,7 @@ def test_loading_both_halves_imports_neither_transformers_models_nor_dynamo(tiny
     """What a stage actor pays before its first batch: transformers' CLIP model module and dynamo cost seconds of
     CPU each to import, and a job starts two actors."""
     prior, decoder = tiny_checkpoints
-    code = ("import sys, torch\nfrom pipeline import PriorPipeline, DecoderPipeline\n"
+    code = ("import sys, torch\nfrom wurstfabrik.pipeline import PriorPipeline, DecoderPipeline\n"
             f"p = PriorPipeline.from_pretrained({str(prior)!r}, dtype=torch.float32)\n"
             f"d = DecoderPipeline.from_pretrained({str(decoder)!r}, dtype=torch.float32)\n"
             "heavy = ('torch._dynamo', 'transformers.models.clip.modeling')\n"
