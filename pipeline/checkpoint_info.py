@@ -20,6 +20,7 @@ from .checkpoint import (
     offline_hint,
     pipeline_folder,
     read_config,
+    refuse_s3,
     weight_files,
 )
 from .errors import CheckpointError
@@ -45,6 +46,7 @@ def inspect_checkpoint(name_or_path, kind: str, revision: str | None = None) -> 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     name = str(name_or_path)
+    refuse_s3(name)
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         model_only = check_folder(path, kind)
