@@ -115,8 +115,9 @@ class JobSpec(Frozen):
     """The decoder (Stage B and Stage A): a hub id, a checkpoint folder, or an `s3://` prefix written by
     `wurstfabrik mirror`."""
     checkpoint_cache: str | None = None
-    """The folder on each node where actors keep the `s3://` checkpoints they fetch (the first actor on a node
-    fetches, the others read its copy); none: `~/.cache/wurstfabrik/checkpoints` (under `$XDG_CACHE_HOME` if set)."""
+    """The folder on each node (an absolute path) where actors keep the `s3://` checkpoints they fetch: the first
+    actor on a node fetches, the others read its copy. None: `~/.cache/wurstfabrik/checkpoints` (under
+    `$XDG_CACHE_HOME` if set)."""
 
     height: StrictInt = Field(1024, gt=0, le=MAX_SIDE)
     """The image height delivered, exactly (made at the nearest size the stages can make that covers it, then cut)."""
@@ -208,9 +209,10 @@ class JobSpec(Frozen):
 
     @field_validator("checkpoint_cache")
     @classmethod
-    def _local_folder(cls, value: str | None) -> str | None:
-        if value is not None and ("://" in value or not value.strip()):
-            raise ValueError(f"{value!r}: must be a folder on each node")
+    def _node_folder(cls, value: str | None) -> str | None:
+        # Resolved on each node, where a relative path would depend on the worker's working directory.
+        if value is not None and not value.startswith(("/", "~")):
+            raise ValueError(f"{value!r}: must be an absolute path (or start with ~), the same folder on each node")
         return value
 
     @field_validator("compile_cache")

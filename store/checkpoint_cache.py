@@ -37,6 +37,7 @@ log = logging.getLogger("wurstfabrik")
 PART_PREFIX = ".part-"  # a blob or snapshot being made; never read, removed by the next fetch
 FETCH_THREADS = 8  # ranged GETs in flight (botocore keeps 10 connections per client)
 CHUNK_BYTES = 16 * 1024 * 1024
+LOGGED_BYTES = 64 * 1024 * 1024  # a fetch this large is worth a line in the log; a config's is not
 DEFAULT_FOLDER = Path("wurstfabrik") / "checkpoints"  # under $XDG_CACHE_HOME, else ~/.cache
 
 
@@ -143,7 +144,8 @@ def _fetch(remote, wanted: dict[str, tuple[str, IndexedFile]], blobs: Path, pool
         raise StorageError(f"{blobs}: not enough disk space for the checkpoint {remote.root_uri}: it needs "
                            f"{total / 1e9:.2f} GB and {free / 1e9:.2f} GB are free; free some, or point "
                            "checkpoint_cache at a larger disk")
-    log.info("fetching %d files (%.2f GB) of %s into %s", len(wanted), total / 1e9, remote.root_uri, blobs.parent)
+    level = logging.INFO if total >= LOGGED_BYTES else logging.DEBUG
+    log.log(level, "fetching %d files (%.2f GB) of %s into %s", len(wanted), total / 1e9, remote.root_uri, blobs.parent)
     started = time.monotonic()
     small = [sha for sha, (_, entry) in wanted.items() if entry.size <= chunk_bytes]
 
@@ -157,7 +159,7 @@ def _fetch(remote, wanted: dict[str, tuple[str, IndexedFile]], blobs: Path, pool
         key, entry = wanted[sha256]
         _fetch_blob(remote, key, entry, blobs, _ranges(remote, key, entry.size, pool, 2 * threads, chunk_bytes))
     seconds = time.monotonic() - started
-    log.info("fetched %s in %.1f s (%.0f MB/s)", remote.root_uri, seconds, total / 1e6 / max(seconds, 1e-9))
+    log.log(level, "fetched %s in %.1f s (%.0f MB/s)", remote.root_uri, seconds, total / 1e6 / max(seconds, 1e-9))
 
 
 def _ranges(remote, key: str, size: int, pool: ThreadPoolExecutor, in_flight: int,
