@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wurstfabrik.pipeline.checkpoint import cached_snapshot, folder_kind, hub_patterns
-from wurstfabrik.pipeline.checkpoint_info import check_folder, check_repo_files
+from wurstfabrik.pipeline.checkpoint_info import check_folder, check_repo_files, hub_info
 from wurstfabrik.pipeline.errors import CheckpointError
 from wurstfabrik.store.checkpoint_cache import file_sha256
 from wurstfabrik.store.checkpoint_index import INDEX_FILE, CheckpointIndex, IndexedFile
@@ -86,10 +86,11 @@ def upload(folder: Path, index: CheckpointIndex, remote, parallel: int) -> Mirro
         return there is None or there.size != entry.size or there.sha256 != entry.sha256
 
     paths = sorted(index.files)
+    remote.client  # noqa: B018 - built here, once: botocore sessions are not safe to build from many threads
     with ThreadPoolExecutor(parallel) as pool:
         to_copy = [path for path, needed in zip(paths, pool.map(missing, paths), strict=True) if needed]
     new_index = index.to_json()
-    old_index = remote.get(INDEX_FILE) if remote.exists(INDEX_FILE) else None
+    old_index = remote.get(INDEX_FILE)
     if to_copy and old_index is not None:
         # A job must never find an index that disagrees with the objects: none at all says "not finished".
         remote.delete(INDEX_FILE)
@@ -118,29 +119,18 @@ def download_from_hub(repo_id: str, revision: str | None, prefer_half: bool | No
     """The files of a hub repository that a checkpoint needs, at `revision` (default: main) resolved to its
     commit, downloaded into the local Hugging Face cache (or found there, offline); returns the folder and the
     commit."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
-        HFValidationError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import snapshot_download
 
-    at = f" at revision {revision}" if revision else ""
-    try:
-        info = HfApi().model_info(repo_id, revision=revision)
-    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:
-        raise MirrorError(f"{repo_id}: no such repository{at} on the Hugging Face hub ({type(e).__name__})") from None
-    except Exception as e:  # offline, or a connection error (the hub's HTTP client has no common base class)
-        why = ("offline mode is on (HF_HUB_OFFLINE)" if isinstance(e, OfflineModeIsEnabled) else
-               f"the Hugging Face hub cannot be reached ({type(e).__name__})")
+    info, why = hub_info(repo_id, revision)
+    if info is None:
         cached = cached_snapshot(repo_id, revision) if revision else None  # a pinned commit downloaded before
         if cached is not None:
             log.warning("%s: %s; mirroring the copy of %s in the local Hugging Face cache", repo_id, why, revision)
             return cached, cached.name
+        at = f" at revision {revision}" if revision else ""
         raise MirrorError(f"{repo_id}: cannot mirror it{at}: {why}, and it is not in the local Hugging Face cache; "
                           f"run the mirror where the hub is reachable, or download it there (`hf download "
-                          f"{repo_id} --local-dir DIR`), bring DIR here and mirror the folder") from None
+                          f"{repo_id} --local-dir DIR`), bring DIR here and mirror the folder")
     files = [sibling.rfilename for sibling in info.siblings or []]
     kind = "decoder" if any(f.startswith("decoder/") for f in files) else "prior"
     check_repo_files(repo_id, files, kind)

@@ -148,6 +148,7 @@ def _fetch(remote, wanted: dict[str, tuple[str, IndexedFile]], blobs: Path, pool
     log.log(level, "fetching %d files (%.2f GB) of %s into %s", len(wanted), total / 1e9, remote.root_uri, blobs.parent)
     started = time.monotonic()
     small = [sha for sha, (_, entry) in wanted.items() if entry.size <= chunk_bytes]
+    remote.ranged_client  # noqa: B018 - built here, once: botocore sessions are not safe to build from many threads
 
     def fetch_small(sha256: str) -> None:
         key, entry = wanted[sha256]

@@ -161,16 +161,7 @@ class S3Output:
         return io.BufferedReader(_RangeReader(self, key, size), buffer_size=READ_BUFFER)
 
     def exists(self, key: str) -> bool:
-        def probe():
-            try:
-                self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
-            except ClientError as err:
-                if _error_code(err) in MISSING_OBJECT_CODES:
-                    return False
-                raise
-            return True
-
-        return self._call(self.uri(key), probe)
+        return self.stat(key) is not None
 
     def stat(self, key: str) -> StoredObject | None:
         """The object's size and stored sha256, or None when there is no such object."""

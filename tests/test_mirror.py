@@ -8,10 +8,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -19,6 +17,7 @@ import pytest
 from conftest import s3_environment, set_environment
 from fake_hub import FakeHub, use_endpoint
 from fault_proxy import FaultProxy
+from job_helpers import kill_when
 
 from wurstfabrik.jobs.cli import main
 from wurstfabrik.jobs.mirror import mirror
@@ -120,14 +119,9 @@ def test_a_mirror_killed_halfway_is_finished_by_the_next_run(hub_layout, s3_serv
             if value is None:
                 env.pop(name, None)
         copy = subprocess.Popen([sys.executable, "-m", "wurstfabrik.jobs.cli", "mirror", str(hub_layout), uri,
-                                 "--parallel", "1"], env=env, start_new_session=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while len(objects(s3_server, s3_bucket, "prior")) < 4:
-            assert copy.poll() is None and time.monotonic() < deadline, copy.stdout.read()[-3000:]
-            time.sleep(0.05)
-        os.killpg(copy.pid, signal.SIGKILL)
-        copy.wait()
+                                 "--parallel", "1"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        kill_when(copy, lambda: len(objects(s3_server, s3_bucket, "prior")) >= 4)
     finally:
         slow.stop()
     stored = objects(s3_server, s3_bucket, "prior")
