@@ -158,6 +158,9 @@ def describe(result: MirrorResult) -> str:
 def mirror_command(source: str, destination: str, variant: str, parallel: int) -> int:
     """The CLI's `mirror`: one line on stdout when done; a problem with the source or destination one line on
     stderr, exit 2 (1 for a download that a rerun can go on with). StorageError is left to the CLI."""
+    if parallel < 1:
+        print(f"error: --parallel {parallel}: copy at least 1 file at a time", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         result = mirror(source, destination, variant, parallel=parallel)
     except (MirrorError, CheckpointError) as e:

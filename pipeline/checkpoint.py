@@ -226,7 +226,8 @@ def resolve_checkpoint(name_or_path: str, kind: str, prefer_half: bool = False, 
 
 def offline_hint(repo_id: str) -> str:
     return (f"To use a local copy, download it where the hub is reachable (`hf download {repo_id} "
-            f"--local-dir DIR`) and pass the folder instead of the hub id.")
+            f"--local-dir DIR`) and pass the folder instead of the hub id, or mirror it to S3 once "
+            f"(`wurstfabrik mirror {repo_id}@REVISION s3://BUCKET/PREFIX/`) and pass that prefix.")
 
 
 def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
