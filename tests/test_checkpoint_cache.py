@@ -187,6 +187,19 @@ def test_a_fetch_killed_halfway_leaves_nothing_a_load_would_use(checkpoint, s3_s
     assert not [n for n in os.listdir(tmp_path / "blobs") if n.startswith(PART_PREFIX)]  # the leftover is gone
 
 
+def test_a_fetch_rides_out_a_flaky_store(checkpoint, s3_server, monkeypatch, tmp_path):
+    """The outputs' retries: 503s, 500s and dropped connections are retried, and what arrives is still checked."""
+    files = read_index(open_output(checkpoint)).files
+    flaky = FaultProxy(s3_server.endpoint, share=0.3, seed=3).start()
+    try:
+        set_environment(monkeypatch, s3_environment(s3_server, flaky.endpoint))
+        cached = fetch_files(open_output(checkpoint), files, tmp_path, chunk_bytes=CHUNK)
+    finally:
+        flaky.stop()
+    assert held(cached.folder) == FILES
+    assert flaky.counts.slow_down + flaky.counts.internal_error + flaky.counts.dropped > 0
+
+
 def test_each_set_of_files_gets_a_folder_of_exactly_those_files(checkpoint, tmp_path):
     remote = open_output(checkpoint)
     files = read_index(remote).files

@@ -23,7 +23,7 @@ from wurstfabrik.jobs.cli import main
 from wurstfabrik.jobs.mirror import mirror
 from wurstfabrik.pipeline.tiny import write_model_only_prior
 from wurstfabrik.store.checkpoint_index import INDEX_FILE
-from wurstfabrik.store.storage import open_output
+from wurstfabrik.store.storage import S3Settings, open_output
 
 TOKENIZER = ["tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
              "tokenizer/vocab.json"]
@@ -132,6 +132,28 @@ def test_a_mirror_killed_halfway_is_finished_by_the_next_run(hub_layout, s3_serv
     assert line.startswith(f"{uri}/: copied {10 - len(stored)} of 10 files of {hub_layout} (")
     assert line.endswith(f"{len(stored)} were there already; index {INDEX_FILE} written")
     assert sorted(objects(s3_server, s3_bucket, "prior")) == sorted([*SELECTED["all"], INDEX_FILE])
+
+
+def test_large_files_go_up_as_multipart_uploads_with_their_sha256(hub_layout, s3_server, s3_bucket, monkeypatch,
+                                                                  tmp_path):
+    folder = shutil.copytree(hub_layout, tmp_path / "prior")
+    large = "text_encoder/model.fp16.safetensors"  # bytes only: mirroring checks configs, never reads weights
+    (folder / large).write_bytes(os.urandom(11 * 1024 * 1024))
+    proxy = FaultProxy(s3_server.endpoint, share=0.0).start()
+    try:
+        set_environment(monkeypatch, s3_environment(s3_server, proxy.endpoint))
+        # Parts of 5 MiB, the smallest S3 (and boto3) takes: three parts, in flight together.
+        settings = S3Settings(multipart_threshold=8 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024)
+        result = mirror(str(folder), f"s3://{s3_bucket}/prior", settings=settings)
+    finally:
+        proxy.stop()
+    assert large in result.copied
+    started = [path.split("?")[0] for method, path, _ in proxy.requests if method == "POST" and "uploads" in path]
+    assert started == [f"/{s3_bucket}/prior/{large}"]
+    parts = [path for method, path, _ in proxy.requests if method == "PUT" and "partNumber=" in path]
+    assert len(parts) == 3
+    stored = objects(s3_server, s3_bucket, "prior")
+    assert {k.lower(): v for k, v in stored[large].items()}["sha256"] == sha256(folder / large)
 
 
 def test_a_model_only_prior_is_mirrored_as_it_is(s3_env, s3_bucket, tmp_path):
