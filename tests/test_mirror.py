@@ -142,7 +142,7 @@ def test_large_files_go_up_as_multipart_uploads_with_their_sha256(hub_layout, s3
     proxy = FaultProxy(s3_server.endpoint, share=0.0).start()
     try:
         set_environment(monkeypatch, s3_environment(s3_server, proxy.endpoint))
-        # Parts of 5 MiB, the smallest S3 (and boto3) takes: three parts, in flight together.
+        # Parts of 5 MiB, the smallest S3 (and boto3) takes: three parts, which boto3 sends on up to 10 threads.
         settings = S3Settings(multipart_threshold=8 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024)
         result = mirror(str(folder), f"s3://{s3_bucket}/prior", settings=settings)
     finally:
