@@ -1,4 +1,5 @@
-"""The `wurstfabrik` command: run a job spec, report an output's status, preview it, or run the offline demo.
+"""The `wurstfabrik` command: run a job spec, report an output's status, preview it, run the offline demo, or mirror
+a checkpoint to S3.
 
 Exit codes (for schedulers, jobs.exit_codes): 0 every image recorded ok (a failed manifest merge or record write
 is a warning); 1 a rerun can finish: images failed or missing, the run stopped (stall, lost lease), storage
@@ -163,6 +164,13 @@ def parser() -> argparse.ArgumentParser:
     demo_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo_p.add_argument("--no-progress", action="store_true")
     sub.add_parser("schema", help="print the job spec's JSON Schema (as in schema/job.schema.json)")
+    mirror_p = sub.add_parser("mirror", help="copy a checkpoint (a hub repo@revision or a folder) to an s3:// "
+                              "prefix, with the index jobs load it by (docs/operations.md)")
+    mirror_p.add_argument("source", help="owner/name@revision on the Hugging Face hub, or a checkpoint folder")
+    mirror_p.add_argument("destination", help="s3://bucket/prefix/")
+    mirror_p.add_argument("--variant", choices=("all", "fp16", "full"), default="all",
+                          help="which weight variant where there are two (default: all, for every dtype)")
+    mirror_p.add_argument("--parallel", type=int, default=8, help="files copied at once (default 8)")
     return p
 
 
@@ -204,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "schema":
             print(schema_text(), end="")
             return 0
+        if args.command == "mirror":
+            from .mirror import mirror_command  # imports torch, as checking a checkpoint does
+
+            return mirror_command(args.source, args.destination, args.variant, args.parallel)
         with filtered_stderr():
             return demo(args.dir, args.overrides, not args.no_progress)
     except (StorageError, ManifestError) as e:

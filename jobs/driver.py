@@ -55,7 +55,14 @@ from .claim import Claim, claim_output, now, submission_id
 from .dataflow_stats import operator_stats
 from .exit_codes import EXIT_DONE, EXIT_INCOMPLETE, EXIT_REFUSED, storage_exit
 from .plan import Plan, Scan, plan_units, scan_inputs
-from .provenance import checkpoint_identity, job_id, job_params, sample_provenance, wurstfabrik_version
+from .provenance import (
+    CheckpointChecks,
+    checkpoint_change,
+    job_id,
+    job_params,
+    sample_provenance,
+    wurstfabrik_version,
+)
 from .ray_connection import connect_ray
 from .resources import READ_CPUS, ClusterShape, demands, pending_demands, stage_gpus, unschedulable
 from .spec import LATER_GENERATION_DEFAULTS, JobSpec
@@ -93,14 +100,9 @@ class Job:
 
 
 def local_folder(name: str) -> Path | None:
-    """A checkpoint named by a path that exists here, made absolute; None for a hub id."""
+    """A checkpoint named by a path that exists here, made absolute; None for a hub id or an s3:// prefix."""
     path = Path(name).expanduser()
     return path.resolve() if path.exists() else None
-
-
-def local_geometry(spec: JobSpec) -> Geometry:
-    """Image sizes as the checkpoints define them, read from local folders (published values for hub ids)."""
-    return Geometry.from_checkpoints(local_folder(spec.prior), local_folder(spec.decoder))
 
 
 def size_problem(geometry: Geometry):
@@ -149,8 +151,9 @@ def check_resume(params: dict, output: Output, force: bool, spec: JobSpec) -> No
     compared = {k: v for k, v in current.items() if k in before or not k.endswith("_checkpoint")}
     changed = sorted(k for k in compared if before.get(k) != compared[k])
     if changed:
-        raise JobError(f"{spec.output} holds images made with other generation parameters (changed: "
-                       f"{', '.join(changed)}); name a new output, or pass --force to regenerate them all")
+        changes = "; ".join(checkpoint_change(k, before.get(k), compared[k]) for k in changed)
+        raise JobError(f"{spec.output} holds images made with other generation parameters (changed: {changes}); "
+                       f"name a new output, or pass --force to regenerate them all")
 
 
 def ray_job_name() -> str | None:
@@ -225,11 +228,12 @@ class Run:
     def prepare(self) -> tuple[dict, Geometry, Scan]:
         """Everything that writes nothing to the output: checkpoints, the job's params against the output's, inputs."""
         spec = self.spec
-        prior = checkpoint_identity(spec.prior, "prior", spec.prior_text)
-        decoder = checkpoint_identity(spec.decoder, "decoder")
+        checkpoints = CheckpointChecks(self.settings, spec.checkpoint_cache)
+        prior = checkpoints.identity(spec.prior, "prior", spec.prior_text)
+        decoder = checkpoints.identity(spec.decoder, "decoder")
         params = job_params(spec, prior, decoder)
         check_resume(params, self.output, self.force, spec)
-        geometry = local_geometry(spec)
+        geometry = checkpoints.geometry(spec.prior, spec.decoder)
         scan = scan_inputs(spec, size_problem(geometry), prompt_problem(spec.prompt_syntax), self.settings)
         return params, geometry, scan
 

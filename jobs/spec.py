@@ -107,11 +107,17 @@ class JobSpec(Frozen):
     `s3://bucket/prefix`."""
 
     prior: str = "warp-ai/wuerstchen-prior"
-    """The prior (Stage C): a hub id or a checkpoint folder; a model-only prior works too (docs/engine.md)."""
+    """The prior (Stage C): a hub id, a checkpoint folder, or an `s3://` prefix written by `wurstfabrik mirror`; a
+    model-only prior works too (docs/engine.md)."""
     prior_text: str = "warp-ai/wuerstchen-prior"
-    """Where a model-only prior takes its text encoder and tokenizer from."""
+    """Where a model-only prior takes its text encoder and tokenizer from (a hub id, folder or `s3://` prefix)."""
     decoder: str = "warp-ai/wuerstchen"
-    """The decoder (Stage B and Stage A): a hub id or a checkpoint folder."""
+    """The decoder (Stage B and Stage A): a hub id, a checkpoint folder, or an `s3://` prefix written by
+    `wurstfabrik mirror`."""
+    checkpoint_cache: str | None = None
+    """The folder on each node (an absolute path) where actors keep the `s3://` checkpoints they fetch: the first
+    actor on a node fetches, the others read its copy. None: `~/.cache/wurstfabrik/checkpoints` (under
+    `$XDG_CACHE_HOME` if set)."""
 
     height: StrictInt = Field(1024, gt=0, le=MAX_SIDE)
     """The image height delivered, exactly (made at the nearest size the stages can make that covers it, then cut)."""
@@ -194,6 +200,19 @@ class JobSpec(Frozen):
     def _not_blank(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("prior", "prior_text", "decoder")
+    @classmethod
+    def _checkpoint_location(cls, value: str) -> str:
+        return _check_location(value) if value.startswith("s3://") else value
+
+    @field_validator("checkpoint_cache")
+    @classmethod
+    def _node_folder(cls, value: str | None) -> str | None:
+        # Resolved on each node, where a relative path would depend on the worker's working directory.
+        if value is not None and not value.startswith(("/", "~")):
+            raise ValueError(f"{value!r}: must be an absolute path (or start with ~), the same folder on each node")
         return value
 
     @field_validator("compile_cache")

@@ -167,7 +167,10 @@ def load_component(folder, device=None, dtype: torch.dtype | None = None, kind: 
     return module.to(device).eval().requires_grad_(False)
 
 
-def one_variant(weights: list[str], prefer_half: bool) -> list[str]:
+def one_variant(weights: list[str], prefer_half: bool | None) -> list[str]:
+    """The weight files of one variant, the preferred one where there are both; prefer_half None: every variant."""
+    if prefer_half is None:
+        return weights
     half = [f for f in weights if is_half_variant(f)]
     full = [f for f in weights if not is_half_variant(f)]
     return (half or full) if prefer_half else (full or half)
@@ -178,9 +181,10 @@ def is_model_only_repo(repo_files: list[str]) -> bool:
     return "model_index.json" not in repo_files and "config.json" in repo_files
 
 
-def hub_patterns(repo_files: list[str], kind: str, prefer_half: bool) -> list[str]:
-    """The files of a hub repository that loading reads, one weight variant per component. A model-only prior:
-    its config.json and weights; `prior_text`: a prior pipeline's model_index.json, text encoder and tokenizer."""
+def hub_patterns(repo_files: list[str], kind: str, prefer_half: bool | None) -> list[str]:
+    """The files of a hub repository (or any checkpoint's file list) that loading reads, one weight variant per
+    component (prefer_half None: each variant, for a copy that serves every dtype). A model-only prior: its
+    config.json and weights; `prior_text`: a prior pipeline's model_index.json, text encoder and tokenizer."""
     if kind == "prior" and is_model_only_repo(repo_files):
         top = [f for f in repo_files if "/" not in f]
         return ["config.json"] + one_variant([f for f in top if ".safetensors" in f], prefer_half)
@@ -200,9 +204,18 @@ def looks_like_hub_id(name_or_path) -> bool:
     return not text.startswith((".", "/", "~")) and text.count("/") == 1 and not Path(text).exists()
 
 
+def refuse_s3(name: str) -> None:
+    """The engine reads folders and hub ids; an s3:// checkpoint reaches it through a node's cache (workers/)."""
+    if name.startswith("s3://"):
+        raise CheckpointError(f"{name}: the engine loads checkpoint folders and hub ids; name an s3:// checkpoint "
+                              "in a job spec, or fetch it into a folder first with "
+                              "wurstfabrik.workers.s3_checkpoint.fetch_s3_checkpoint")
+
+
 def resolve_checkpoint(name_or_path: str, kind: str, prefer_half: bool = False, revision: str | None = None) -> Path:
     """A local checkpoint folder for a folder path or a hub id (downloading only the files we read). `revision`
     (a branch, tag or commit) applies to hub ids only."""
+    refuse_s3(str(name_or_path))
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
         return path
@@ -213,7 +226,8 @@ def resolve_checkpoint(name_or_path: str, kind: str, prefer_half: bool = False, 
 
 def offline_hint(repo_id: str) -> str:
     return (f"To use a local copy, download it where the hub is reachable (`hf download {repo_id} "
-            f"--local-dir DIR`) and pass the folder instead of the hub id.")
+            f"--local-dir DIR`) and pass the folder instead of the hub id, or mirror it to S3 once "
+            f"(`wurstfabrik mirror {repo_id}@REVISION s3://BUCKET/PREFIX/`) and pass that prefix.")
 
 
 def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:

@@ -20,6 +20,7 @@ from .checkpoint import (
     offline_hint,
     pipeline_folder,
     read_config,
+    refuse_s3,
     weight_files,
 )
 from .errors import CheckpointError
@@ -45,6 +46,7 @@ def inspect_checkpoint(name_or_path, kind: str, revision: str | None = None) -> 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     name = str(name_or_path)
+    refuse_s3(name)
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         model_only = check_folder(path, kind)
@@ -103,7 +105,10 @@ def fingerprint(folder: Path, kind: str, model_only: bool) -> str:
     return digest.hexdigest()
 
 
-def inspect_hub(repo_id: str, kind: str, revision: str | None) -> CheckpointInfo:
+def hub_info(repo_id: str, revision: str | None):
+    """The hub's model info of a repository at a revision (its commit, `sha`, and files, `siblings`), and None when
+    the hub cannot be asked; then also why, in words. Raises CheckpointError when it has no such repository or
+    revision."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
         HFValidationError,
@@ -112,16 +117,21 @@ def inspect_hub(repo_id: str, kind: str, revision: str | None) -> CheckpointInfo
         RevisionNotFoundError,
     )
 
-    at = f" at revision {revision}" if revision else ""
     try:
-        info = HfApi().model_info(repo_id, revision=revision)
+        return HfApi().model_info(repo_id, revision=revision), None
     except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:
+        at = f" at revision {revision}" if revision else ""
         raise CheckpointError(f"{repo_id}: no such checkpoint{at} on the Hugging Face hub ({type(e).__name__}); "
                               f"check the id, or pass a local folder") from None
     except Exception as e:  # offline mode, or a connection error (the hub's HTTP client has no common base class)
-        offline = isinstance(e, OfflineModeIsEnabled)
-        return inspect_cached(repo_id, kind, revision, "offline mode is on (HF_HUB_OFFLINE)" if offline else
-                              f"the Hugging Face hub cannot be reached ({type(e).__name__})")
+        return None, ("offline mode is on (HF_HUB_OFFLINE)" if isinstance(e, OfflineModeIsEnabled) else
+                      f"the Hugging Face hub cannot be reached ({type(e).__name__})")
+
+
+def inspect_hub(repo_id: str, kind: str, revision: str | None) -> CheckpointInfo:
+    info, why = hub_info(repo_id, revision)
+    if info is None:
+        return inspect_cached(repo_id, kind, revision, why)
     files = [sibling.rfilename for sibling in info.siblings or []]
     model_only = check_repo_files(repo_id, files, kind)
     cached = cached_snapshot(repo_id, info.sha)

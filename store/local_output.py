@@ -141,7 +141,7 @@ class LocalOutput:
     def _locked(self, key: str):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return _FolderLock(path.parent)
+        return FolderLock(path.parent)
 
     def _path(self, key: str) -> Path:
         path = self.root / safe_key(key)
@@ -151,15 +151,16 @@ class LocalOutput:
         return path
 
 
-class _FolderLock:
-    """An exclusive flock on a folder, held for a `with` block."""
+class FolderLock:
+    """An flock on a folder, exclusive or shared, held for a `with` block (between processes on this host)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, shared: bool = False):
         self.folder = folder
+        self.shared = shared
 
     def __enter__(self):
         self.fd = os.open(self.folder, os.O_RDONLY)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        fcntl.flock(self.fd, fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):

@@ -11,6 +11,7 @@ import io
 import os
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
@@ -55,6 +56,17 @@ MISSING_OBJECT_CODES = {"NoSuchKey", "NotFound", "404"}
 # A conditional write that lost: the object exists (If-None-Match), or changed (If-Match), or another
 # conditional write to it is in flight.
 CONDITION_FAILED_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+# Refused, these only needed read access: the hint says so.
+READ_OPERATIONS = {"GetObject", "HeadObject", "ListObjectsV2"}
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What a HEAD tells of an object: its size, and the sha256 stored with it (None for objects written without
+    one, by older versions or other tools)."""
+
+    size: int
+    sha256: str | None
 
 
 class S3Output:
@@ -127,8 +139,10 @@ class S3Output:
                                                                  **extra))
         return self.uri(key)
 
-    def put_file(self, key: str, path: Path, content_type: str | None = None) -> str:
-        return self._upload(key, lambda: open(path, "rb"), content_type)  # noqa: SIM115 - closed by _upload
+    def put_file(self, key: str, path: Path, content_type: str | None = None, sha256: str | None = None) -> str:
+        """Uploads a file (multipart and parallel above the threshold); `sha256`, if the caller has it already,
+        saves reading the file twice."""
+        return self._upload(key, lambda: open(path, "rb"), content_type, sha256)  # noqa: SIM115 - closed by _upload
 
     def get(self, key: str) -> bytes | None:
         found = self.read_versioned(key)
@@ -147,14 +161,18 @@ class S3Output:
         return io.BufferedReader(_RangeReader(self, key, size), buffer_size=READ_BUFFER)
 
     def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def stat(self, key: str) -> StoredObject | None:
+        """The object's size and stored sha256, or None when there is no such object."""
         def probe():
             try:
-                self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+                response = self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
             except ClientError as err:
                 if _error_code(err) in MISSING_OBJECT_CODES:
-                    return False
+                    return None
                 raise
-            return True
+            return StoredObject(response["ContentLength"], _stored_sha256(response.get("Metadata", {})))
 
         return self._call(self.uri(key), probe)
 
@@ -218,12 +236,15 @@ class S3Output:
 
         return self._call(self.uri(key), attempt)
 
-    def _upload(self, key: str, open_body: Callable[[], BinaryIO], content_type: str | None) -> str:
-        with open_body() as body:
-            digest = hashlib.sha256()
-            while chunk := body.read(READ_BUFFER):
-                digest.update(chunk)
-        extra = {"Metadata": {SHA256_METADATA: digest.hexdigest()}}
+    def _upload(self, key: str, open_body: Callable[[], BinaryIO], content_type: str | None,
+                sha256: str | None = None) -> str:
+        if sha256 is None:
+            with open_body() as body:
+                digest = hashlib.sha256()
+                while chunk := body.read(READ_BUFFER):
+                    digest.update(chunk)
+            sha256 = digest.hexdigest()
+        extra = {"Metadata": {SHA256_METADATA: sha256}}
         if content_type:
             extra["ContentType"] = content_type
 
@@ -241,8 +262,7 @@ class S3Output:
 
     def _verify(self, key: str, data: bytes, metadata: dict[str, str]) -> None:
         """Compares the bytes read with the sha256 stored at write time; objects written without one pass."""
-        # Metadata names are case-insensitive; some servers (rclone) capitalise them.
-        stored = {name.lower(): value for name, value in metadata.items()}.get(SHA256_METADATA)
+        stored = _stored_sha256(metadata)
         if stored is not None and stored != hashlib.sha256(data).hexdigest():
             raise StorageError(
                 f"{self.uri(key)}: the object's bytes do not match the sha256 stored with it when it was written; "
@@ -284,9 +304,10 @@ class S3Output:
                 "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the AWS profile"
             )
         if code == "AccessDenied" or status == 403:
+            access = "read" if err.operation_name in READ_OPERATIONS else "read and write"
             return StorageError(
                 f"{target}: access denied (HTTP 403); the credentials are wrong or lack permission "
-                f"for bucket '{self.bucket}': use credentials that may read and write it"
+                f"for bucket '{self.bucket}': use credentials that may {access} it"
             )
         # HEAD answers carry no body, so a missing bucket or object shows only as a bare 404.
         if code == "NoSuchBucket" or (status == 404 and err.operation_name == "HeadBucket"):
@@ -341,6 +362,11 @@ class _RangeReader(io.RawIOBase):
 
 def _sha256_metadata(data: bytes) -> dict[str, str]:
     return {SHA256_METADATA: hashlib.sha256(data).hexdigest()}
+
+
+def _stored_sha256(metadata: dict[str, str]) -> str | None:
+    # Metadata names are case-insensitive; some servers (rclone) capitalise them.
+    return {name.lower(): value for name, value in metadata.items()}.get(SHA256_METADATA)
 
 
 def is_aws_endpoint(url: str) -> bool:

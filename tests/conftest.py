@@ -268,6 +268,22 @@ def s3_bucket(s3_server):
     shutil.rmtree(s3_server.root / name, ignore_errors=True)
 
 
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A Hugging Face hub on loopback (tests/fake_hub.py), online, with an empty cache of our own."""
+    import huggingface_hub.constants
+    from fake_hub import FakeHub, use_endpoint
+
+    hub = FakeHub()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    use_endpoint(monkeypatch, hub.endpoint)
+    yield hub
+    hub.server.shutdown()
+    hub.server.server_close()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     """The prior and decoder checkpoint folders of `pipeline.tiny` (random weights: their images are noise)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,14 +41,17 @@ class FaultProxy:
 
     Of the requests, `share` get a fault: a third each 503, 500 and a dropped connection. Dropped requests are
     forwarded first, so the upstream may have done what the client never hears of (as on a real network).
-    `refuse(method, path)`, called for every request, answers True for those to refuse with 403."""
+    `refuse(method, path)`, called for every request, answers True for those to refuse with 403. Every request
+    waits `delay_s` first (a slow link), and is logged in `requests` as (method, path, Range header or None)."""
 
     def __init__(self, upstream: str, share: float = 0.2, seed: int = 0,
-                 refuse: Callable[[str, str], bool] | None = None):
+                 refuse: Callable[[str, str], bool] | None = None, delay_s: float = 0.0):
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.share = share
         self.refuse = refuse
+        self.delay_s = delay_s
+        self.requests: list[tuple[str, str, str | None]] = []
         self.random = random.Random(seed)
         self.random_lock = threading.Lock()
         self.counts = FaultCounts()
@@ -85,6 +89,9 @@ class FaultProxy:
 
     def handle(self, request: BaseHTTPRequestHandler) -> None:
         body = _read_body(request)
+        with self.random_lock:
+            self.requests.append((request.command, request.path, request.headers.get("Range")))
+        time.sleep(self.delay_s)
         fault = "refused" if self.refuse and self.refuse(request.command, request.path) else self._fault()
         if fault in ("slow_down", "internal_error", "refused"):
             self.counts.add(fault)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,17 @@ def wait_for_parts(out: Path, count: int, process: subprocess.Popen | None = Non
     raise TimeoutError(f"fewer than {count} manifest parts after {timeout} s")
 
 
+def kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """Kills the process's group (SIGKILL) once `ready()` is true; the process must still be running by then."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the process ended before it could be killed"
+        assert time.monotonic() < deadline, f"not ready after {timeout} s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def kill_driver_after_parts(spec: JobSpec, folder: Path, ray_address: str, parts: int = 2) -> None:
     """Starts a driver and kills it (SIGKILL, its whole process group) once `parts` manifest parts exist."""
     driver = start_driver(spec, folder, ray_address, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,3 +108,10 @@ def kill_driver_after_parts(spec: JobSpec, folder: Path, ray_address: str, parts
         os.killpg(driver.pid, signal.SIGKILL)
     finally:
         driver.wait()
+
+
+def with_s3_checkpoints(text: str) -> str:
+    """An example spec's YAML with the s3:// checkpoint lines it shows as comments in place of the hub ids."""
+    keys = "prior|decoder|checkpoint_cache"
+    active = re.sub(rf"^(\s*)({keys}): .*\n", "", text, flags=re.M)
+    return re.sub(rf"^(\s*)# ({keys}): ", r"\1\2: ", active, flags=re.M)

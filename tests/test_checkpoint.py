@@ -2,17 +2,14 @@
 tensor or setting at fault; variants and shards load the weights they should; hub downloads read only what loading
 reads (against a hub served on loopback); inspect_checkpoint checks folders and hub ids without loading weights."""
 
-import hashlib
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+from fake_hub import FakeHub, use_endpoint
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
@@ -383,82 +380,6 @@ def test_hub_download_of_a_model_only_prior_and_its_text_companion():
                       "scheduler/scheduler_config.json"]
     assert hub_patterns(pipeline_files, "prior_text", prefer_half=False) == [
         "model_index.json", "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json"]
-
-
-class FakeHub:
-    """A Hugging Face hub on loopback that serves local folders as repositories: the API calls a download makes
-    (model info, file tree) and the files, each file served recorded as (repository, revision, path) and each
-    request's path in `requests`."""
-
-    def __init__(self):
-        self.repos: dict[str, Path] = {}
-        self.served: list[tuple[str, str, str]] = []
-        self.requests: list[str] = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def reply(self, code: int, body: bytes, headers: dict) -> None:
-                self.send_response(code)
-                for key, value in {**headers, "Content-Length": str(len(body))}.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def do_GET(self):
-                path = self.path.split("?")[0]
-                hub.requests.append(path)
-                for repo, folder in hub.repos.items():
-                    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-                    if path.startswith(f"/api/models/{repo}/tree/"):
-                        tree = [{"type": "file", "path": f, "size": (folder / f).stat().st_size, "oid": "0"}
-                                for f in files]
-                        return self.reply(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
-                    if path.startswith(f"/api/models/{repo}"):
-                        info = {"id": repo, "sha": hub.commit(repo), "siblings": [{"rfilename": f} for f in files]}
-                        return self.reply(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
-                    if path.startswith(f"/{repo}/resolve/"):
-                        revision, _, name = path[len(f"/{repo}/resolve/"):].partition("/")
-                        data = (folder / name).read_bytes()
-                        hub.served.append((repo, revision, name))
-                        return self.reply(200, data, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"',
-                                                      "X-Repo-Commit": hub.commit(repo)})
-                self.reply(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
-
-            do_HEAD = do_GET
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @staticmethod
-    def commit(repo: str) -> str:
-        return hashlib.sha1(repo.encode()).hexdigest()
-
-    def files(self, repo: str) -> set[str]:
-        return {name for served_repo, _, name in self.served if served_repo == repo}
-
-
-def use_endpoint(monkeypatch, endpoint: str) -> None:
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """The hub on loopback, online, with an empty cache of our own."""
-    hub = FakeHub()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    use_endpoint(monkeypatch, hub.endpoint)
-    yield hub
-    hub.server.shutdown()
-    hub.server.server_close()
 
 
 @pytest.fixture(scope="module")

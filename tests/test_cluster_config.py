@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from job_helpers import with_s3_checkpoints
 
 from wurstfabrik.jobs.spec import JobSpec, load_spec
 
@@ -152,6 +153,13 @@ def test_start_commands_start_the_head_and_join_it(cluster):
 @pytest.mark.parametrize("path", [JOB, JOB_LOCAL], ids=lambda p: p.name)
 def test_example_specs_load(path):
     assert isinstance(load_spec(path), JobSpec)
+
+
+def test_the_example_shows_checkpoints_mirrored_to_s3_beside_the_hub_ids():
+    s3 = JobSpec.from_dict(yaml.safe_load(with_s3_checkpoints(JOB.read_text(encoding="utf-8"))))
+    assert s3.prior.startswith("s3://") and s3.decoder.startswith("s3://") and s3.checkpoint_cache
+    checkpoints = {"prior", "decoder", "checkpoint_cache"}
+    assert s3.model_dump(exclude=checkpoints) == load_spec(JOB).model_dump(exclude=checkpoints)
 
 
 def test_local_example_asks_for_no_custom_resources():

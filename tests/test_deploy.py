@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import free_port, ray_head
+from job_helpers import with_s3_checkpoints
 
 from wurstfabrik.jobs.spec import JobSpec
 from wurstfabrik.store.manifest import latest_status, read_manifest
@@ -256,6 +257,13 @@ def test_the_configmap_holds_a_valid_job_spec(configmap):
     spec = spec_in(configmap)
     # Every node reads and writes: a local path would differ from pod to pod.
     assert spec.prompts.startswith("s3://") and spec.output.startswith("s3://")
+
+
+def test_the_configmap_shows_checkpoints_mirrored_to_s3_beside_the_hub_ids(configmap):
+    s3 = JobSpec.from_dict(yaml.safe_load(with_s3_checkpoints(configmap["data"]["job.yaml"])))
+    assert s3.prior.startswith("s3://") and s3.decoder.startswith("s3://") and s3.checkpoint_cache
+    checkpoints = {"prior", "decoder", "checkpoint_cache"}
+    assert s3.model_dump(exclude=checkpoints) == spec_in(configmap).model_dump(exclude=checkpoints)
 
 
 def test_entrypoint_runs_the_cli_on_the_mounted_spec(job, configmap):

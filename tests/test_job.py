@@ -337,7 +337,8 @@ def test_a_checkpoint_changed_under_the_same_folder_is_refused_on_resume(ray_loc
     index = json.loads((prior / "model_index.json").read_text())
     (prior / "model_index.json").write_text(json.dumps({**index, "_retrained": "2026-11-27"}))
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2
-    assert "other generation parameters (changed: prior_checkpoint)" in capsys.readouterr().err
+    assert (f"other generation parameters (changed: prior_checkpoint: {prior} is not the checkpoint those images "
+            "were made with)") in capsys.readouterr().err
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress", "--force"]) == 0
 
 

@@ -182,6 +182,16 @@ def test_s3_output_with_bucket_is_accepted():
     assert default_spec("s3://in/prompts/", "s3://bucket/run1").output == "s3://bucket/run1"
 
 
+def test_s3_checkpoints_name_a_bucket_and_the_cache_is_one_folder_on_every_node():
+    spec = default_spec("p.parquet", "out", prior="s3://weights/wuerstchen/prior/", checkpoint_cache="~/ckpt")
+    assert (spec.prior, spec.checkpoint_cache) == ("s3://weights/wuerstchen/prior/", "~/ckpt")
+    with pytest.raises(SpecError, match=r"^decoder: 's3:///x' names no bucket"):
+        default_spec("p.parquet", "out", decoder="s3:///x")
+    for relative in ("cache", "s3://b/cache"):
+        with pytest.raises(SpecError, match=rf"^checkpoint_cache: '{relative}': must be an absolute path"):
+            default_spec("p.parquet", "out", checkpoint_cache=relative)
+
+
 def test_overrides_top_level_and_nested(tmp_path):
     spec = load_spec(
         write(tmp_path, MINIMAL),
