@@ -291,7 +291,8 @@ def start_ray(env: dict[str, str | None], num_cpus: int = 2) -> str:
 
     with pytest.MonkeyPatch.context() as patch:
         set_environment(patch, env)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # "local": never another Ray that happens to run on this machine (ray.init() would join the latest one)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return ray.get_runtime_context().gcs_address
 
 
