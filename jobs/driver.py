@@ -18,7 +18,6 @@ import ray
 from tqdm import tqdm
 
 from wurstfabrik.pipeline.geometry import Geometry
-from wurstfabrik.pipeline.prompt_syntax import check_prompt_syntax
 from wurstfabrik.store.formats import OutputFormat, open_format
 from wurstfabrik.store.formats.shards import shard_number, stored_shard_numbers
 from wurstfabrik.store.manifest import (
@@ -53,7 +52,16 @@ from .ray_connection import connect_ray
 from .resources import READ_CPUS, pending_demands
 from .run_report import start_line
 from .spec import LATER_GENERATION_DEFAULTS, JobSpec
-from .stage_chain import append_stages, encoder_pool, for_workers, local_geometry, placed_gpus, stage_runtime_env
+from .stage_chain import (
+    append_stages,
+    encoder_pool,
+    for_workers,
+    local_geometry,
+    placed_gpus,
+    prompt_problem,
+    size_problem,
+    stage_runtime_env,
+)
 from .supervisor import RunStopped, Supervisor, Watchdog
 
 log = logging.getLogger("wurstfabrik")
@@ -85,32 +93,6 @@ class Job:
     params: dict  # job params: generation fields and checkpoint identity
     geometry: Geometry
     output_format: OutputFormat
-
-
-def size_problem(geometry: Geometry):
-    def check(height: int, width: int) -> str | None:
-        try:
-            geometry.check_size(height, width)
-        except ValueError as e:
-            return str(e)
-        return None
-
-    return check
-
-
-def prompt_problem(syntax: str):
-    """The planner's check of a prompt's weighting syntax (None for plain prompts, which need none)."""
-    if syntax == "plain":
-        return None
-
-    def check(text: str) -> str | None:
-        try:
-            check_prompt_syntax(text, syntax)
-        except ValueError as e:
-            return str(e)
-        return None
-
-    return check
 
 
 def check_resume(params: dict, output: Output, force: bool, spec: JobSpec) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import ray
 
 from wurstfabrik.pipeline.geometry import Geometry
+from wurstfabrik.pipeline.prompt_syntax import check_prompt_syntax
 from wurstfabrik.workers.decoder_stage import DecoderStage
 from wurstfabrik.workers.encoder_stage import encode_images
 from wurstfabrik.workers.faults import FAULTS_ENV
@@ -42,6 +43,32 @@ def for_workers(spec: JobSpec) -> JobSpec:
     if spec.compile_cache and not spec.compile_cache.startswith("s3://"):
         local["compile_cache"] = str(Path(spec.compile_cache).expanduser().absolute())
     return spec.model_copy(update=local)
+
+
+def size_problem(geometry: Geometry):
+    def check(height: int, width: int) -> str | None:
+        try:
+            geometry.check_size(height, width)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    return check
+
+
+def prompt_problem(syntax: str):
+    """The planner's check of a prompt's weighting syntax (None for plain prompts, which need none)."""
+    if syntax == "plain":
+        return None
+
+    def check(text: str) -> str | None:
+        try:
+            check_prompt_syntax(text, syntax)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    return check
 
 
 def placed_gpus(spec: JobSpec) -> tuple[tuple[float, float], str | None]:
