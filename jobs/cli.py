@@ -11,6 +11,7 @@ signal N (130 SIGINT, 143 SIGTERM). `wurstfabrik status` exits 0, 1 or 2 the sam
 import argparse
 import logging
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 from wurstfabrik.store.ids import InputError
@@ -42,6 +43,16 @@ DEMO_PLACEMENT = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25}
 def run(spec: JobSpec, force: bool, progress: bool, as_json: bool = False) -> int:
     """Runs the spec: a start line, the progress bar and one summary line on stdout (the summary's JSON with
     `as_json`); problems on stderr, one line each."""
+    if not as_json:
+        return _run(spec, force, progress, sys.stdout, summary_line)
+    # stdout holds the JSON alone: what Ray forwards from its workers and raylets, which it prints to stdout (a
+    # dying actor's "(raylet) A worker died ..."), goes to stderr with every other message of the run.
+    stdout = sys.stdout
+    with redirect_stdout(sys.stderr):
+        return _run(spec, force, progress, stdout, lambda summary, code: summary_json(summary))
+
+
+def _run(spec: JobSpec, force: bool, progress: bool, stdout, summary_text) -> int:
     try:
         with claim_output(spec) as claim:
             # Imported once the output is ours: a run refused by the lease never loads torch or Ray.
@@ -60,7 +71,7 @@ def run(spec: JobSpec, force: bool, progress: bool, as_json: bool = False) -> in
     except RunStopped as e:  # before any work began
         print(f"error: {e.reason} before the run began; run again", file=sys.stderr)
         return e.exit_code
-    print(summary_json(result.summary) if as_json else summary_line(result.summary, result.exit_code))
+    print(summary_text(result.summary, result.exit_code), file=stdout, flush=True)
     if result.message and result.exit_code == EXIT_REFUSED:
         print(f"error: {result.message}; {FIX_FIRST}", file=sys.stderr)
     elif result.message and result.exit_code != 0:

@@ -176,12 +176,13 @@ class FaultedRun:
     out: Path
     killed: Path  # the marker the dying actor leaves
     exit_code: int
-    printed: str
+    printed: str  # its stdout: the summary's JSON and nothing else
 
 
 @pytest.fixture(scope="module")
 def faulted_run(tmp_path_factory, tiny_checkpoints, _ray_session, s3_server) -> FaultedRun:
-    """The tests of a dying actor and of an image that cannot be encoded check different things of one run."""
+    """The tests of a dying actor and of an image that cannot be encoded check different things of one run, which
+    prints its summary as JSON (`--json`, for scripts)."""
     shared_ray(s3_server)
     folder = tmp_path_factory.mktemp("faulted")
     marker, out = folder / "killed", folder / "out"
@@ -191,7 +192,7 @@ def faulted_run(tmp_path_factory, tiny_checkpoints, _ray_session, s3_server) -> 
     with pytest.MonkeyPatch.context() as env, redirect_stdout(printed):
         env.setenv(FAULTS_ENV, json.dumps({"kill": {"stage": "decoder", "marker": str(marker)},
                                            "fail_encode": "ramen"}))
-        code = main(["run", str(spec_file(spec, folder / "job.yaml")), "--no-progress"])
+        code = main(["run", str(spec_file(spec, folder / "job.yaml")), "--no-progress", "--json"])
     return FaultedRun(out, marker, code, printed.getvalue())
 
 
@@ -210,7 +211,9 @@ def test_an_image_that_cannot_be_encoded_fails_alone(faulted_run):
     assert [r["prompt"] for r in failed] == ["a bowl of ramen"]
     assert "encoding refused" in failed[0]["error"]
     assert len(image_files(faulted_run.out)) == 5
-    assert "5 ok, 1 failed" in faulted_run.printed
+    summary = json.loads(faulted_run.printed)  # all of stdout, as a script reads it
+    assert summary["status"] == {"ok": 5, "failed": 1} and summary["missing"] == 0
+    assert summary["generated_now"] == 5 and summary["failed_now"] == 1 and summary["output"] == str(faulted_run.out)
 
 
 def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path, capsys):
