@@ -37,7 +37,7 @@ from wurstfabrik.store.manifest import (
 )
 from wurstfabrik.store.runs import DID_NOT_FINISH, RUNNING, unfinished_runs, write_run
 from wurstfabrik.store.storage import Output, StorageError
-from wurstfabrik.workers.metrics import MetricLabels, RunMeter
+from wurstfabrik.workers.metrics import MetricLabels, RunMeter, count_store_requests
 from wurstfabrik.workers.models import StageModels
 from wurstfabrik.workers.reader_stage import read_unit
 from wurstfabrik.workers.shard_numbers import ShardNumbers
@@ -211,6 +211,7 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
                   "pid": os.getpid(), "ray_job": ray_job_name(), "wurstfabrik": wurstfabrik_version(),
                   "output": spec.output, "spec": spec.model_dump(mode="json"),
                   "took_over_lease_from": asdict(took_over) if took_over else None}
+    count_store_requests(MetricLabels(current_job, run.run_id))  # the driver's S3 requests, as the run's from now on
     plan = None
     try:
         with supervisor.critical():

@@ -14,17 +14,9 @@ from wurstfabrik.workers.dataset_columns import image_rows, user_rows
 from wurstfabrik.workers.metrics import MetricLabels
 from wurstfabrik.workers.models import StageModels
 
+from . import stage_chain as stages
 from .provenance import checkpoint_identity, job_id, job_params, sample_provenance
 from .spec import JobSpec, SpecError
-from .stage_chain import (
-    append_stages,
-    for_workers,
-    local_geometry,
-    placed_gpus,
-    prompt_problem,
-    size_problem,
-    stage_runtime_env,
-)
 
 # The job spec's fields about its input files, its output and its runs: a Dataset and its user settle those.
 NOT_FOR_DATASETS = ("prompts", "output", "output_format", "shard_size", "bad_rows", "resilience")
@@ -50,19 +42,19 @@ def generate(ds: ray.data.Dataset, *, prompt_column: str = "prompt", seed_column
                         prior=prior, decoder=decoder, placement=placement or {}, **fields)
     params = job_params(spec, checkpoint_identity(spec.prior, "prior", spec.prior_text),
                         checkpoint_identity(spec.decoder, "decoder"))
-    geometry = local_geometry(spec)
+    geometry = stages.local_geometry(spec)
     _check_columns(ds, spec)
     if not ray.is_initialized():
         ray.init()
-    gpus, problem = placed_gpus(spec)
+    gpus, problem = stages.placed_gpus(spec)
     if problem:
         raise ValueError(f"placement: {problem}")
     labels = MetricLabels(job_id(params), f"generate-{uuid.uuid4().hex[:12]}")
-    workers = for_workers(spec)
-    rows = ds.map_batches(image_rows, batch_format="pyarrow", batch_size=None, runtime_env=stage_runtime_env(),
-                          fn_kwargs={"spec": workers, "check_size": size_problem(geometry),
-                                     "check_prompt": prompt_problem(spec.prompt_syntax)})
-    made = append_stages(rows, workers, StageModels.from_job(params, geometry), gpus, labels)
+    workers = stages.for_workers(spec)
+    rows = ds.map_batches(image_rows, batch_format="pyarrow", batch_size=None, runtime_env=stages.stage_runtime_env(),
+                          fn_kwargs={"spec": workers, "check_size": stages.size_problem(geometry),
+                                     "check_prompt": stages.prompt_problem(spec.prompt_syntax)})
+    made = stages.append_stages(rows, workers, StageModels.from_job(params, geometry), gpus, labels)
     return made.map_batches(user_rows, batch_size=None, num_cpus=spec.placement.writer_cpus,
                             fn_kwargs={"provenance": sample_provenance(params, labels.job_id), "labels": labels})
 

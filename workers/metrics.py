@@ -121,7 +121,6 @@ class RunMeter:
 
     def __init__(self, labels: MetricLabels, planned: int, done: int, bad_input: int):
         self.labels, self.planned, self.done, self.bad_input = labels, planned, done, bad_input
-        count_store_requests(labels)
         self._progress()
 
     def recorded(self, ok: int = 0, failed: int = 0) -> None:
