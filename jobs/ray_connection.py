@@ -1,5 +1,5 @@
-"""Which Ray a run uses: the cluster in RAY_ADDRESS (as under `ray job submit`; `auto` joins the latest Ray started on
-this machine), or a local Ray started in-process for the run."""
+"""Which Ray a run uses: the cluster in RAY_ADDRESS (as under `ray job submit`), or a local Ray started in-process
+for the run."""
 
 from __future__ import annotations
 

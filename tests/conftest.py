@@ -291,7 +291,7 @@ def start_ray(env: dict[str, str | None], num_cpus: int = 2) -> str:
 
     with pytest.MonkeyPatch.context() as patch:
         set_environment(patch, env)
-        # "local": never another Ray that happens to run on this machine (ray.init() would join the latest one)
+        # "local", as the product starts its own: a record of a cluster `ray start` left behind is not joined
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return ray.get_runtime_context().gcs_address
 

@@ -167,6 +167,8 @@ def test_a_runs_metrics_equal_its_manifest(two_runs):
         assert total(samples, "ray_wurstfabrik_job_images_planned", run_id=run) == 3
     assert total(samples, "ray_wurstfabrik_job_images_done", run_id=again) == 3
     assert total(samples, "ray_wurstfabrik_job_images_remaining", run_id=again) == 0
+    labels = json.dumps([labels for name, labels, _ in samples if name.startswith("ray_wurstfabrik_")])
+    assert not [prompt for prompt in PROMPTS if prompt in labels]  # ids, stages and statuses; never a prompt
 
 
 @dataclass
