@@ -10,9 +10,9 @@ signal N (130 SIGINT, 143 SIGTERM). `wurstfabrik status` exits 0, 1 or 2 the sam
 """
 
 import argparse
-import json
 import logging
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 from wurstfabrik.store.ids import InputError
@@ -24,9 +24,11 @@ from .claim import claim_output
 from .exit_codes import EXIT_INCOMPLETE, EXIT_LEASED, EXIT_REFUSED, help_table
 from .preview import NothingToPreview, write_preview
 from .quiet import filtered_stderr
+from .run_report import summary_json, summary_line
 from .schema import schema_text
 from .spec import JobSpec, SpecError, load_spec
 from .status import NoJob, status_report
+from .status_watch import DEFAULT_INTERVAL_S, watch_status
 from .supervisor import RunStopped
 
 # CheckpointError (pipeline/, which imports torch) is caught in run(), once the lease is taken.
@@ -39,14 +41,19 @@ DEMO_STYLES = ("watercolor", "oil painting", "photo at dusk", "pixel art", "penc
 DEMO_PLACEMENT = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25}
 
 
-def print_summary(summary: dict) -> None:
-    status = summary["status"]
-    print(f"\n{summary['output']}: {status.get('ok', 0)} ok, {status.get('failed', 0)} failed, "
-          f"{summary.get('missing', 0)} missing of {summary.get('total_images', summary['images'])} images")
-    print(json.dumps(summary, indent=2, default=str))
+def run(spec: JobSpec, force: bool, progress: bool, as_json: bool = False) -> int:
+    """Runs the spec: a start line, the progress bar and one summary line on stdout (the summary's JSON with
+    `as_json`); problems on stderr, one line each."""
+    if not as_json:
+        return _run(spec, force, progress, sys.stdout, summary_line)
+    # stdout holds the JSON alone: what Ray forwards from its workers and raylets, which it prints to stdout (a
+    # dying actor's "(raylet) A worker died ..."), goes to stderr with every other message of the run.
+    stdout = sys.stdout
+    with redirect_stdout(sys.stderr):
+        return _run(spec, force, progress, stdout, lambda summary, code: summary_json(summary))
 
 
-def run(spec: JobSpec, force: bool, progress: bool) -> int:
+def _run(spec: JobSpec, force: bool, progress: bool, stdout, summary_text) -> int:
     try:
         with claim_output(spec) as claim:
             # Imported once the output is ours: a run refused by the lease never loads torch or Ray.
@@ -66,7 +73,7 @@ def run(spec: JobSpec, force: bool, progress: bool) -> int:
     except RunStopped as e:  # before any work began
         print(f"error: {e.reason} before the run began; run again", file=sys.stderr)
         return e.exit_code
-    print_summary(result.summary)
+    print(summary_text(result.summary, result.exit_code), file=stdout, flush=True)
     if result.message and result.exit_code == EXIT_REFUSED:
         print(f"error: {result.message}; {FIX_FIRST}", file=sys.stderr)
     elif result.message and result.exit_code != 0:
@@ -79,7 +86,9 @@ def run(spec: JobSpec, force: bool, progress: bool) -> int:
     return result.exit_code
 
 
-def status(output_uri: str) -> int:
+def status(output_uri: str, watch: bool = False, interval_s: float = DEFAULT_INTERVAL_S) -> int:
+    if watch:
+        return watch_status(output_uri, interval_s)
     lines, code = status_report(output_uri)
     print("\n".join(lines))
     return code
@@ -124,6 +133,16 @@ RUN_EXIT_CODES = (help_table() + "\n\nThe job spec's fields, the output layout, 
                   "docs/jobs.md\n(`wurstfabrik schema` prints the spec's JSON Schema).")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 class _ShowVersions(argparse.Action):
     """--version: computed only when asked, since it imports torch."""
 
@@ -153,8 +172,16 @@ def parser() -> argparse.ArgumentParser:
     run_p.add_argument("--force", action="store_true",
                        help="run even if the output holds images made with other generation parameters")
     run_p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run_p.add_argument("--json", action="store_true",
+                       help="print the run's summary as JSON (as in OUTPUT/manifest/summary.json) instead of its "
+                            "summary line, for scripts")
     status_p = sub.add_parser("status", help="counts by status, failed images, last runs and lease of an output")
     status_p.add_argument("output", help="the job's output folder or s3:// prefix")
+    status_p.add_argument("--watch", action="store_true",
+                          help="while a run is going: its counts, rate over the last minute, time left and new "
+                               "failures, every few seconds until it ends (then the report)")
+    status_p.add_argument("--interval", type=_seconds, default=DEFAULT_INTERVAL_S, metavar="SECONDS",
+                          help=f"seconds between refreshes with --watch (default {DEFAULT_INTERVAL_S:g})")
     preview_p = sub.add_parser("preview", help="a contact sheet and an HTML page of a sample of an output")
     preview_p.add_argument("output", help="the job's output folder or s3:// prefix")
     preview_p.add_argument("--n", type=int, default=64, help="how many images (default 64)")
@@ -204,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             spec = load_spec(args.spec, args.overrides)
             with filtered_stderr():
-                return run(spec, args.force, not args.no_progress)
+                return run(spec, args.force, not args.no_progress, args.json)
         if args.command == "status":
-            return status(args.output)
+            return status(args.output, args.watch, args.interval)
         if args.command == "preview":
             return preview(args.output, args.n, args.to)
         if args.command == "schema":

@@ -8,11 +8,9 @@ import json
 import logging
 import os
 import time
-import warnings
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,7 +18,6 @@ import ray
 from tqdm import tqdm
 
 from wurstfabrik.pipeline.geometry import Geometry
-from wurstfabrik.pipeline.prompt_syntax import check_prompt_syntax
 from wurstfabrik.store.formats import OutputFormat, open_format
 from wurstfabrik.store.formats.shards import shard_number, stored_shard_numbers
 from wurstfabrik.store.manifest import (
@@ -40,13 +37,8 @@ from wurstfabrik.store.manifest import (
 )
 from wurstfabrik.store.runs import DID_NOT_FINISH, RUNNING, unfinished_runs, write_run
 from wurstfabrik.store.storage import Output, StorageError
-from wurstfabrik.workers.decoder_stage import DecoderStage
-from wurstfabrik.workers.encoder_stage import encode_images
-from wurstfabrik.workers.faults import FAULTS_ENV
-from wurstfabrik.workers.fp8_probe import fp8_gpu_problem
-from wurstfabrik.workers.fused_stage import FusedStage
+from wurstfabrik.workers.metrics import MetricLabels, RunMeter, count_store_requests
 from wurstfabrik.workers.models import StageModels
-from wurstfabrik.workers.prior_stage import PriorStage
 from wurstfabrik.workers.reader_stage import read_unit
 from wurstfabrik.workers.shard_numbers import ShardNumbers
 from wurstfabrik.workers.writer_stage import STORAGE_ERROR, STORAGE_TRANSIENT, manifest_rows, write_images
@@ -64,8 +56,18 @@ from .provenance import (
     wurstfabrik_version,
 )
 from .ray_connection import connect_ray
-from .resources import READ_CPUS, ClusterShape, demands, pending_demands, stage_gpus, unschedulable
+from .resources import READ_CPUS, pending_demands
+from .run_report import start_line
 from .spec import LATER_GENERATION_DEFAULTS, JobSpec
+from .stage_chain import (
+    append_stages,
+    encoder_pool,
+    for_workers,
+    placed_gpus,
+    prompt_problem,
+    size_problem,
+    stage_runtime_env,
+)
 from .supervisor import RunStopped, Supervisor, Watchdog
 
 log = logging.getLogger("wurstfabrik")
@@ -99,47 +101,6 @@ class Job:
     output_format: OutputFormat
 
 
-def local_folder(name: str) -> Path | None:
-    """A checkpoint named by a path that exists here, made absolute; None for a hub id or an s3:// prefix."""
-    path = Path(name).expanduser()
-    return path.resolve() if path.exists() else None
-
-
-def size_problem(geometry: Geometry):
-    def check(height: int, width: int) -> str | None:
-        try:
-            geometry.check_size(height, width)
-        except ValueError as e:
-            return str(e)
-        return None
-
-    return check
-
-
-def prompt_problem(syntax: str):
-    """The planner's check of a prompt's weighting syntax (None for plain prompts, which need none)."""
-    if syntax == "plain":
-        return None
-
-    def check(text: str) -> str | None:
-        try:
-            check_prompt_syntax(text, syntax)
-        except ValueError as e:
-            return str(e)
-        return None
-
-    return check
-
-
-def for_workers(spec: JobSpec) -> JobSpec:
-    """The spec as the stages get it: local folders made absolute, since workers may run elsewhere."""
-    local = {name: str(local_folder(getattr(spec, name))) for name in ("prior", "prior_text", "decoder")
-             if local_folder(getattr(spec, name))}
-    if spec.compile_cache and not spec.compile_cache.startswith("s3://"):
-        local["compile_cache"] = str(Path(spec.compile_cache).expanduser().absolute())
-    return spec.model_copy(update=local)
-
-
 def check_resume(params: dict, output: Output, force: bool, spec: JobSpec) -> None:
     recorded = read_job_params(output)
     if recorded is None or force:
@@ -163,47 +124,20 @@ def ray_job_name() -> str | None:
 
 def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tuple[float, float],
                   shard_numbers) -> ray.data.Dataset:
-    """The whole dataflow: read tasks, two GPU actor pools (or one fused pool), then CPU encoders and writers."""
-    place = spec.placement
+    """The whole dataflow: read tasks, the stages (jobs.stage_chain: two GPU actor pools or one fused pool, then CPU
+    encoders), then the writers."""
     settings = getattr(output, "settings", None)
-    env = {FAULTS_ENV: os.environ[FAULTS_ENV]} if os.environ.get(FAULTS_ENV) else {}
-    runtime_env = {"env_vars": env} if env else None
     models = StageModels.from_job(job.params, job.geometry, settings)
-    actor_args = {"max_restarts": place.max_restarts, "max_task_retries": place.max_task_retries,
-                  "fn_constructor_kwargs": {"spec": spec, "models": models}, "runtime_env": runtime_env}
-    # Ray 2.60 has no named parameter for actor restarts; its generic remote args warn of deprecation.
-    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-    writers = ray.data.TaskPoolStrategy(size=place.writer_concurrency)
+    labels = MetricLabels(job.job_id, job.run_id)
+    runtime_env = stage_runtime_env()
     job_info = {"job_id": job.job_id, "run_id": job.run_id, "params": json.dumps(spec.sampler_params(),
                                                                                   sort_keys=True),
                 "provenance": sample_provenance(job.params, job.job_id)}
-    rows = (
-        ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units)))
-        .flat_map(read_unit, fn_kwargs={"spec": spec, "settings": settings}, num_cpus=READ_CPUS,
-                  runtime_env=runtime_env)
-        # A read unit's rows would otherwise travel as one block, and the decoder would wait for the prior to
-        # finish all of them; blocks of one prior batch keep both pools busy from the first batch on. A unit holds
-        # images of one size (jobs.plan), and each block is one batch (batch_size=None): a batch filled up from the
-        # next block could mix sizes, which the stages would run as two part-empty model batches.
-        .repartition(target_num_rows_per_block=place.prior_batch_size)
-    )
-    prior_pool = dict(batch_size=None, compute=ray.data.ActorPoolStrategy(size=place.prior_actors),
-                      num_gpus=gpus[0], num_cpus=place.prior_cpus, resources=place.prior_resources or None,
-                      **actor_args)
-    if place.fused:  # one pool whose actors run each batch through the prior and then the decoder
-        decoded = rows.map_batches(FusedStage, **prior_pool)
-    else:
-        decoded = rows.map_batches(PriorStage, **prior_pool).map_batches(
-            # the prior's batches as they are when their sizes agree (one image size each)
-            DecoderStage, batch_size=None if place.decoder_batch_size == place.prior_batch_size else
-            place.decoder_batch_size,
-            compute=ray.data.ActorPoolStrategy(size=place.decoder_actors), num_gpus=gpus[1],
-            num_cpus=place.decoder_cpus, resources=place.decoder_resources or None, **actor_args)
-    # Ray's default scheduling puts a task where its input block is: encoding runs beside the decoder that made
-    # the pixels (when that node has a free CPU), so only compressed images cross the network.
-    encoded = decoded.map_batches(encode_images, fn_kwargs={"image_format": spec.format, "quality": spec.quality},
-                                  batch_size=None, num_cpus=place.writer_cpus, compute=writers,
-                                  scheduling_strategy="DEFAULT", runtime_env=runtime_env)
+    # One read unit holds images of one size (jobs.plan), so each prior batch the stages cut from it is one size.
+    rows = ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units))).flat_map(
+        read_unit, fn_kwargs={"spec": spec, "settings": settings, "labels": labels}, num_cpus=READ_CPUS,
+        runtime_env=runtime_env)
+    encoded = append_stages(rows, spec, models, gpus, labels)
     if job.output_format.batch_size:
         # A shard format writes one shard per block: blocks of exactly shard_size encoded images (the last one
         # smaller), gathered after encoding, so a writer never holds a shard's raw pixels.
@@ -211,7 +145,7 @@ def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tup
     return encoded.map_batches(
         write_images, fn_kwargs={"output": output, "output_format": spec.output_format, "image_format": spec.format,
                                  "shard_size": spec.shard_size, "job": job_info, "shard_numbers": shard_numbers},
-        batch_size=None, num_cpus=place.writer_cpus, compute=writers, runtime_env=runtime_env)
+        batch_size=None, num_cpus=spec.placement.writer_cpus, compute=encoder_pool(spec), runtime_env=runtime_env)
 
 
 class Run:
@@ -224,6 +158,7 @@ class Run:
         self.generated = self.failed = 0
         self.cluster = ""  # which Ray the run is on, in words (jobs.ray_connection)
         self.record: dict = {}
+        self.meter: RunMeter | None = None  # its metrics, once planned
 
     def prepare(self) -> tuple[dict, Geometry, Scan]:
         """Everything that writes nothing to the output: checkpoints, the job's params against the output's, inputs."""
@@ -239,16 +174,9 @@ class Run:
 
     def placement(self) -> tuple[float, float]:
         """GPUs per prior and decoder actor; refuses a placement the cluster can never schedule."""
-        cluster = ClusterShape.current()
-        place = self.spec.placement
-        gpus = stage_gpus(place, cluster)
-        problem = unschedulable(demands(place, *gpus), cluster)
+        gpus, problem = placed_gpus(self.spec)
         if problem:
             raise JobError(problem)
-        if self.spec.quantize == "fp8":
-            problem = fp8_gpu_problem(place, gpus)
-            if problem:
-                raise JobError(problem)
         return gpus
 
     def write_record(self, state: str, **fields) -> None:
@@ -291,6 +219,7 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
                   "pid": os.getpid(), "ray_job": ray_job_name(), "cluster": run.cluster,
                   "wurstfabrik": wurstfabrik_version(), "output": spec.output, "spec": spec.model_dump(mode="json"),
                   "took_over_lease_from": asdict(took_over) if took_over else None}
+    count_store_requests(MetricLabels(current_job, run.run_id))  # the driver's S3 requests, as the run's from now on
     plan = None
     try:
         with supervisor.critical():
@@ -307,14 +236,15 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
                   open_format(spec.output_format, spec.format, spec.shard_size))
         run.record["planned"] = {"total_images": plan.total_images, "done_before": plan.done_images,
                                  "to_generate": plan.pending_images, "bad_input": plan.bad.num_rows}
-        log.info("%d images in all, %d already done, %d to generate%s; on %s", plan.total_images, plan.done_images,
-                 plan.pending_images, f", {plan.bad.num_rows} refused as bad input" if plan.bad.num_rows else "",
-                 run.cluster)
+        run.meter = RunMeter(MetricLabels(current_job, run.run_id), plan.total_images, plan.done_images,
+                             plan.bad.num_rows)
+        log.info(start_line(spec, plan, run.cluster, run.run_id))
         with supervisor.critical():
             write_job_params(output, {"job_id": current_job, "params": params, "total_images": plan.total_images,
                                       "wurstfabrik": wurstfabrik_version(), "spec": spec.model_dump(mode="json")})
             if new_bad.num_rows:
                 _record_bad_rows(output, new_bad, current_job, run.run_id, spec)
+                run.meter.recorded(failed=new_bad.num_rows)
             _remove_orphan_shards(job.output_format, output)
         if plan.units:
             _generate(run, supervisor, plan, job, gpus)
@@ -365,6 +295,7 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                         statuses = batch.column("status").to_numpy(zero_copy_only=False)
                         run.generated += int((statuses == "ok").sum())
                         run.failed += int((statuses == "failed").sum())
+                        run.meter.recorded_statuses(statuses)
                         bar.update(len(statuses))
                         bar.set_postfix(failed=run.failed)
                     supervisor.check()

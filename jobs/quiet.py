@@ -1,5 +1,6 @@
-"""Keeping a healthy run's output free of messages a user can do nothing about. Each one filtered here says why;
-everything else Ray prints, warnings and errors included, still goes through."""
+"""Keeping a healthy run's output free of messages a user can do nothing about: Ray Data's INFO lines go to its log
+file only, and each message filtered here says why; everything else Ray prints, warnings and errors included, still
+goes through."""
 
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ class _DropOwnStop(logging.Filter):
 
 
 def quiet_ray_logs() -> None:
+    import ray.data  # noqa: F401 - its import sets up its loggers' handlers (ray imports it lazily), adjusted below
+
     # Ray's console handlers keep the stderr they were made with. One made while another stderr was in place (an
     # earlier run in a notebook cell, an app or a test that swaps sys.stderr) would write to a closed file, and
     # every Ray Data line would come out as a "--- Logging error ---" traceback. Each run points them at today's.
@@ -62,6 +65,10 @@ def quiet_ray_logs() -> None:
                     and not isinstance(handler, logging.FileHandler):
                 with handler.lock:
                     handler.stream = sys.stderr
+                if name == "ray.data":
+                    # Ray Data's INFO lines (each execution's start, plan and end) stay in its log file
+                    # (logs/ray-data/ in Ray's session folder); its warnings and errors still reach the terminal.
+                    handler.setLevel(max(handler.level, logging.WARNING))
     for name, patterns in NOISE_LOGS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):

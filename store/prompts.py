@@ -127,6 +127,14 @@ def row_problems(columns: Columns, uri: str, first_row: int, table: pa.Table, de
                  check_prompt: Callable[[str], str | None] | None = None) -> dict[int, str]:
     """The rows of a row group that cannot be generated, by offset in the group, each with a one-line reason
     naming file, row and column."""
+    problems = row_reasons(columns, table, defaults, check_size, check_prompt)
+    return {i: f"{uri} row {first_row + i}: {reason}" for i, reason in problems.items()}
+
+
+def row_reasons(columns: Columns, table: pa.Table, defaults: tuple[int, int],
+                check_size: Callable[[int, int], str | None],
+                check_prompt: Callable[[str], str | None] | None = None) -> dict[int, str]:
+    """The rows of a table that cannot be generated, by offset, each with a one-line reason naming the column."""
     n = table.num_rows
     masks: list[tuple[pa.Array, Callable[[int], str]]] = []
     prompt = table.column(columns.prompt)
@@ -165,7 +173,7 @@ def row_problems(columns: Columns, uri: str, first_row: int, table: pa.Table, de
                     problems[i] = f"{name}: {reason}"
     if len(problems) > n:
         raise AssertionError("more problems than rows")
-    return {i: f"{uri} row {first_row + i}: {reason}" for i, reason in sorted(problems.items())}
+    return dict(sorted(problems.items()))
 
 
 def requested_sizes(columns: Columns, table: pa.Table, defaults: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,8 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from .requests import repeating
+
 log = logging.getLogger("wurstfabrik.storage")
 T = TypeVar("T")
 
@@ -65,6 +67,7 @@ def retry_transient(call: Callable[[], T], outage_s: float, what: str) -> T:
                 raise
             time.sleep(min(left, random.uniform(delay / 2, delay)))
             delay = min(delay * 2, MAX_DELAY_S)
+            repeating()
             continue
         if first_failure is not None:
             log.warning("storage: %s succeeded after %.1f s of retries", what, time.monotonic() - first_failure)

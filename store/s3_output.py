@@ -31,6 +31,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as EndpointUnreachableError
 
 from .location import PROBE_PREFIX, READ_BUFFER, S3Settings, StorageError, check_prefix, safe_key
+from .requests import on_request_created
 from .retry import is_transient, retry_transient
 
 T = TypeVar("T")
@@ -128,7 +129,9 @@ class S3Output:
             s3={"addressing_style": "path"} if self._compatible else None,
             **{**modes, **overrides},
         )
-        return self._session.client("s3", endpoint_url=self.endpoint, config=config)
+        client = self._session.client("s3", endpoint_url=self.endpoint, config=config)
+        client.meta.events.register("request-created.s3", on_request_created)
+        return client
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
         if len(data) >= self.settings.multipart_threshold:

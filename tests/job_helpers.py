@@ -21,9 +21,21 @@ from wurstfabrik.store.manifest import latest_status, read_manifest
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen", "an astronaut riding a horse",
            "sausages on a grill", "a city street in the rain"]
+# The one line a run prints when it starts, and the one when it ends (jobs.run_report).
+START_LINE = re.compile(r"^run [0-9a-f]{12}: (?P<total>\d+) images from (?P<prompts>.+) into (?P<output>.+) "
+                        r"\((?P<todo>\d+) to generate, (?P<done>\d+) already done(?:, (?P<bad>\d+) refused as bad "
+                        r"input)?\), (?P<size>\S+ \S+ \S+), on (?P<ray>.+)$")
+SUMMARY_LINE = re.compile(r"^(?P<outcome>done|stopped|interrupted): (?P<counts>\d+ ok, \d+ failed, \d+ missing of "
+                          r"\d+ images); (?P<made>\d+) made in [\d.]+ s \([\d.]+ images/s\); output in "
+                          r"(?P<output>.+); exit (?P<code>\d+): (?P<meaning>.+)$")
 # Stage placement that fits the 2-CPU test cluster: both actors, a reader, an encoder and a writer at once.
 SMALL_PLACEMENT = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25, "writer_concurrency": 1,
                    "prior_batch_size": 4, "decoder_batch_size": 4}
+
+
+def lines_like(text: str, line: re.Pattern) -> list[re.Match]:
+    """Every line of `text` that `line` matches (START_LINE, SUMMARY_LINE)."""
+    return [found for found in map(line.match, text.splitlines()) if found]
 
 
 def write_prompts(path, prompts=PROMPTS, row_group_size=None, **columns):

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import free_port, ray_head
-from job_helpers import with_s3_checkpoints
+from job_helpers import START_LINE, SUMMARY_LINE, lines_like, with_s3_checkpoints
 
 from wurstfabrik.jobs.spec import JobSpec
 from wurstfabrik.store.manifest import latest_status, read_manifest
@@ -479,7 +479,9 @@ def test_ray_job_submit_with_token_authentication_as_the_readme_says(token_head,
     assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
     done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "3 ok, 0 failed, 0 missing of 3 images" in done.stdout
+    (summary,) = lines_like(done.stdout, SUMMARY_LINE)  # the job's own lines, as `ray job submit` shows them
+    assert summary["counts"] == "3 ok, 0 failed, 0 missing of 3 images" and summary["code"] == "0"
+    assert len(lines_like(done.stdout, START_LINE)) == 1
     rows = latest_status(read_manifest(open_output(str(checkout / "demo" / "output-local")))).values()
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
 

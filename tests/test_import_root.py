@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ray_head
-from job_helpers import ok_rows
+from job_helpers import START_LINE, lines_like, ok_rows
 
 from wurstfabrik.store.storage import open_output
 
@@ -160,7 +160,8 @@ def test_an_output_written_before_the_one_import_root_resumes(ray_local, tmp_pat
     done = subprocess.run([BIN / "wurstfabrik", "run", "job.yaml", "--no-progress"], cwd=old, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "4 images in all, 3 already done, 1 to generate" in done.stderr
+    (start,) = lines_like(done.stderr, START_LINE)
+    assert (start["total"], start["done"], start["todo"]) == ("4", "3", "1")
     after = ok_rows(open_output(str(old / "output")))
     assert len(after) == 4 and all(after[key] == row for key, row in before.items())
     assert all(path.read_bytes() == data for path, data in images.items())

@@ -17,6 +17,7 @@ import torch
 from conftest import shared_ray
 from job_helpers import PROMPTS, image_files, kill_driver_after_parts, make_spec, ok_rows, spec_file, write_prompts
 from PIL import Image
+from prometheus_text import metrics_port, scrape_until, total
 
 from wurstfabrik.jobs.cli import main
 from wurstfabrik.jobs.driver import JobResult, run_job
@@ -27,6 +28,7 @@ from wurstfabrik.store.manifest import latest_status, read_manifest
 from wurstfabrik.store.runs import read_runs
 from wurstfabrik.store.storage import open_output
 from wurstfabrik.workers.faults import FAULTS_ENV
+from wurstfabrik.workers.metrics import STAGES
 
 torch.set_num_threads(1)
 
@@ -79,6 +81,7 @@ class TwoRuns:
     mtimes: tuple[dict, dict]  # each image file's mtime after the first run and after the second
     runs: list[dict]  # the run records after both
     status: tuple[int, str]  # `wurstfabrik status` after both: exit code and what it printed
+    metrics: list  # a scrape of the Ray node's metrics export port, once the first run's counts were exported
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +103,11 @@ def two_runs(tmp_path_factory, tiny_checkpoints, _ray_session, s3_server) -> Two
     printed = io.StringIO()
     with redirect_stdout(printed):
         code = main(["status", str(out)])
+    metrics = scrape_until(metrics_port(), lambda samples: (  # both runs' last values reported by now
+        total(samples, "ray_wurstfabrik_images_total", run_id=first.summary["run_id"]) == 3
+        and total(samples, "ray_wurstfabrik_job_images_done", run_id=again.summary["run_id"]) == 3))
     return TwoRuns(spec, folder, first, again, (after_first[0], after_again[0]), (after_first[1], after_again[1]),
-                   read_runs(open_output(str(out))), (code, printed.getvalue()))
+                   read_runs(open_output(str(out))), (code, printed.getvalue()), metrics)
 
 
 def test_rerun_generates_nothing_and_changed_params_are_refused(two_runs, ray_local, capsys):
@@ -149,6 +155,22 @@ def test_s3_job(ray_local, tiny_checkpoints, tmp_path, s3_env, s3_bucket):
     assert output.exists("manifest/summary.json") and output.exists("job.json")
 
 
+def test_a_runs_metrics_equal_its_manifest(two_runs):
+    """Counted by the driver (images, the job's progress) and by the stages' processes, which Ray Data has ended by
+    now: what they recorded was exported before they exited (tests/test_run_metrics.py has the whole story)."""
+    samples, first, again = two_runs.metrics, two_runs.first.summary["run_id"], two_runs.again.summary["run_id"]
+    assert total(samples, "ray_wurstfabrik_images_total", run_id=first, status="ok") == 3
+    assert total(samples, "ray_wurstfabrik_images_total", run_id=first, status="failed") == 0
+    for stage in STAGES:
+        assert total(samples, "ray_wurstfabrik_stage_seconds_count", run_id=first, stage=stage) == 3, stage
+    for run in (first, again):
+        assert total(samples, "ray_wurstfabrik_job_images_planned", run_id=run) == 3
+    assert total(samples, "ray_wurstfabrik_job_images_done", run_id=again) == 3
+    assert total(samples, "ray_wurstfabrik_job_images_remaining", run_id=again) == 0
+    labels = json.dumps([labels for name, labels, _ in samples if name.startswith("ray_wurstfabrik_")])
+    assert not [prompt for prompt in PROMPTS if prompt in labels]  # ids, stages and statuses; never a prompt
+
+
 @dataclass
 class FaultedRun:
     """One CLI run in which the decoder actor dies mid-batch and the ramen image cannot be encoded."""
@@ -156,12 +178,13 @@ class FaultedRun:
     out: Path
     killed: Path  # the marker the dying actor leaves
     exit_code: int
-    printed: str
+    printed: str  # its stdout: the summary's JSON and nothing else
 
 
 @pytest.fixture(scope="module")
 def faulted_run(tmp_path_factory, tiny_checkpoints, _ray_session, s3_server) -> FaultedRun:
-    """The tests of a dying actor and of an image that cannot be encoded check different things of one run."""
+    """The tests of a dying actor and of an image that cannot be encoded check different things of one run, which
+    prints its summary as JSON (`--json`, for scripts)."""
     shared_ray(s3_server)
     folder = tmp_path_factory.mktemp("faulted")
     marker, out = folder / "killed", folder / "out"
@@ -171,7 +194,7 @@ def faulted_run(tmp_path_factory, tiny_checkpoints, _ray_session, s3_server) -> 
     with pytest.MonkeyPatch.context() as env, redirect_stdout(printed):
         env.setenv(FAULTS_ENV, json.dumps({"kill": {"stage": "decoder", "marker": str(marker)},
                                            "fail_encode": "ramen"}))
-        code = main(["run", str(spec_file(spec, folder / "job.yaml")), "--no-progress"])
+        code = main(["run", str(spec_file(spec, folder / "job.yaml")), "--no-progress", "--json"])
     return FaultedRun(out, marker, code, printed.getvalue())
 
 
@@ -190,7 +213,9 @@ def test_an_image_that_cannot_be_encoded_fails_alone(faulted_run):
     assert [r["prompt"] for r in failed] == ["a bowl of ramen"]
     assert "encoding refused" in failed[0]["error"]
     assert len(image_files(faulted_run.out)) == 5
-    assert "5 ok, 1 failed" in faulted_run.printed
+    summary = json.loads(faulted_run.printed)  # all of stdout, as a script reads it
+    assert summary["status"] == {"ok": 5, "failed": 1} and summary["missing"] == 0
+    assert summary["generated_now"] == 5 and summary["failed_now"] == 1 and summary["output"] == str(faulted_run.out)
 
 
 def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path, capsys):

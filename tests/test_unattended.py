@@ -4,7 +4,9 @@ its rerun are checked in test_job.py, on the same two runs as the rerun's test.)
 
 import json
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -18,6 +20,8 @@ from conftest import restart_rclone, s3_environment, set_environment
 from fault_proxy import FaultProxy
 from job_helpers import (
     PROMPTS,
+    START_LINE,
+    SUMMARY_LINE,
     image_files,
     make_spec,
     ok_keys_once,
@@ -255,17 +259,52 @@ def test_a_storage_outage_that_outlasts_the_retries_stops_the_run_with_one_line(
     assert len(keys) == len(set(keys)) == 12
 
 
-def test_a_healthy_run_prints_no_errors_or_warnings(tiny_checkpoints, tmp_path):
-    """The CLI in a fresh process, starting its own local Ray, as the README's quick start does."""
-    spec = make_spec(tiny_checkpoints, write_prompts(tmp_path / "p.parquet", PROMPTS[:2]), tmp_path / "out")
+def on_a_terminal(command: list[str], env: dict, timeout: float) -> tuple[int, str]:
+    """`command` with its stdout and stderr on a pseudo-terminal, as in a user's shell: its exit code and everything
+    the terminal was sent."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    shown, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([leader], [], [], 1.0)[0]:
+                try:
+                    data = os.read(leader, 65536)
+                except OSError:  # the command has ended and closed its side
+                    break
+                if not data:
+                    break
+                shown.append(data)
+        return process.wait(timeout=30), b"".join(shown).decode("utf-8", "replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(leader)
+
+
+def test_a_healthy_run_shows_a_start_line_its_progress_and_a_summary_line(tiny_checkpoints, tmp_path):
+    """The CLI in a fresh process on a terminal, starting its own local Ray, as the README's quick start does, for a
+    job of the demo's size (36 images): no line of Ray's loggers at INFO and no warning, error or traceback; one
+    start line, the progress bar, one summary line; nothing else."""
+    prompts = write_prompts(tmp_path / "p.parquet", [f"{p}, take {i}" for i in range(6) for p in PROMPTS])
+    spec = make_spec(tiny_checkpoints, prompts, tmp_path / "out", prior_steps=2, decoder_steps=2)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "wurstfabrik.jobs.cli", "run",
-                           str(spec_file(spec, tmp_path / "j.yaml")), "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    output = done.stdout + done.stderr
-    noisy = [line for line in output.splitlines()
-             if re.search(r"\b(WARNING|ERROR|Error|Traceback)\b|^\[[^]]+ [EW] \d+", line)]
-    assert noisy == [], noisy
-    assert "2 ok, 0 failed, 0 missing of 2 images" in output
-    assert len(image_files(tmp_path / "out")) == 2
+    code, shown = on_a_terminal([sys.executable, "-m", "wurstfabrik.jobs.cli", "run",
+                                 str(spec_file(spec, tmp_path / "j.yaml"))], env, timeout=400)
+    assert code == 0, shown[-3000:]
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", part).strip() for part in re.split(r"[\r\n]+", shown)]
+    lines = [line for line in lines if line]
+    assert not [line for line in lines if re.search(r"\b(INFO|WARNING|ERROR|Error|Traceback)\b", line)], lines
+    bar = [line for line in lines if line.startswith("images:")]
+    assert bar and "36/36" in bar[-1]
+    said = [line for line in lines if not line.startswith("images:")]
+    assert len(said) == 2 and START_LINE.match(said[0]) and SUMMARY_LINE.match(said[1]), said
+    start, summary = START_LINE.match(said[0]), SUMMARY_LINE.match(said[1])
+    assert (start["total"], start["todo"], start["output"]) == ("36", "36", str(tmp_path / "out"))
+    assert start["ray"] == "a local Ray started for this run" and start["size"] == "128×128 png files"
+    assert summary["counts"] == "36 ok, 0 failed, 0 missing of 36 images" and summary["made"] == "36"
+    assert (summary["output"], summary["code"], summary["meaning"]) == (
+        str(tmp_path / "out"), "0", "every image is recorded ok")
+    assert len(image_files(tmp_path / "out")) == 36

@@ -9,16 +9,22 @@ import torch
 
 from .batches import column, group_rows
 from .faults import maybe_kill, record_batch
+from .metrics import StageMeter
 
 
 class DecoderStage:
     """Replaces each Stage C latent with its decoded image (uint8 RGB bytes and size) and decoder seconds."""
 
-    def __init__(self, spec, models):
+    def __init__(self, spec, models, labels=None):
         self.spec = spec
+        self.meter = StageMeter("decoder", labels)
         self.pipe, self.compile_cache = models.load_decoder(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.meter.batch():
+            return self._run(batch)
+
+    def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         maybe_kill("decoder")
         n = len(batch["prompt_id"])
         errors = list(batch["error"])
@@ -48,6 +54,7 @@ class DecoderStage:
                 sizes[i] = list(images[j].shape[:2])
                 generated[i] = made
                 seconds[i] = per_image
+            self.meter.images([per_image] * len(rows))
         self.compile_cache.after_first_batch()
         del batch["latent"], batch["latent_shape"]
         batch.update(pixels=column(pixels), image_size=column(sizes), generated_size=column(generated),

@@ -10,11 +10,21 @@ from wurstfabrik.store.encoding import encode_image
 
 from .batches import column
 from .faults import fails_encoding, maybe_slow_encoding
+from .metrics import MetricLabels, StageMeter
 
 
-def encode_images(batch: dict[str, np.ndarray], image_format: str, quality: int) -> dict[str, np.ndarray]:
+def encode_images(batch: dict[str, np.ndarray], image_format: str, quality: int,
+                  labels: MetricLabels | None = None) -> dict[str, np.ndarray]:
     """Replaces `pixels` by `data` (the encoded file), `bytes` and `sha256`; an image that cannot be encoded
     fails alone, with its error."""
+    meter = StageMeter("encode", labels)
+    with meter.batch():
+        batch = _encode(batch, image_format, quality)
+    meter.images(s for s, error in zip(batch["encode_s"], batch["error"], strict=True) if not error)
+    return batch
+
+
+def _encode(batch: dict[str, np.ndarray], image_format: str, quality: int) -> dict[str, np.ndarray]:
     maybe_slow_encoding()
     n = len(batch["prompt_id"])
     errors = list(batch["error"])

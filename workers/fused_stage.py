@@ -11,9 +11,9 @@ class FusedStage:
     """The prior stage's columns, then the decoder stage's: a batch comes out as it would from the two pools. The
     decoder takes it in slices of decoder_batch_size, as its own pool would."""
 
-    def __init__(self, spec, models):
-        self.prior = PriorStage(spec, models)
-        self.decoder = DecoderStage(spec, models)
+    def __init__(self, spec, models, labels=None):
+        self.prior = PriorStage(spec, models, labels)
+        self.decoder = DecoderStage(spec, models, labels)
         self.decoder_batch_size = spec.placement.decoder_batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

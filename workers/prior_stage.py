@@ -7,16 +7,22 @@ import ray
 
 from .batches import column, group_rows
 from .faults import maybe_hang, maybe_kill, record_batch
+from .metrics import StageMeter
 
 
 class PriorStage:
     """Adds each image's Stage C latent (float32 bytes and shape), its truncation flag and prior seconds."""
 
-    def __init__(self, spec, models):
+    def __init__(self, spec, models, labels=None):
         self.spec = spec
+        self.meter = StageMeter("prior", labels)
         self.pipe, self.compile_cache = models.load_prior(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.meter.batch():
+            return self._run(batch)
+
+    def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         maybe_kill("prior")
         maybe_hang("prior")
         n = len(batch["prompt_id"])
@@ -45,6 +51,7 @@ class PriorStage:
                 shapes[i] = list(array[j].shape)
                 truncated[i] = result.truncated[j]
                 seconds[i] = per_image
+            self.meter.images([per_image] * len(rows))
         self.compile_cache.after_first_batch()
         batch.update(latent=column(latents), latent_shape=column(shapes), truncated=column(truncated, bool),
                      prior_s=column(seconds, np.float64), error=column(errors),

@@ -19,6 +19,7 @@ from wurstfabrik.store.manifest import MANIFEST_SCHEMA, rows_table
 from wurstfabrik.store.storage import StorageError
 
 from .faults import attempt_key, maybe_kill_writer
+from .metrics import MetricLabels, StageMeter
 
 # The column beside the manifest rows that says why the batch could not be stored ("" when it was).
 STORAGE_ERROR = "storage_error"
@@ -38,6 +39,16 @@ def write_images(batch: dict[str, np.ndarray], output, output_format: str, image
     A storage failure that outlasts the retries is named in STORAGE_ERROR, and STORAGE_TRANSIENT says whether a
     rerun can get past it as it is (StorageError.transient); the driver then records none of the rows, so a rerun
     makes the images again."""
+    meter = StageMeter("write", MetricLabels(job["job_id"], job["run_id"]))
+    with meter.batch():
+        result = _write(batch, output, output_format, image_format, shard_size, job, shard_numbers)
+    if result.num_rows and not result.column(STORAGE_ERROR)[0].as_py():  # rows the driver will record
+        meter.images(result.column("write_s").to_pylist())
+    return result
+
+
+def _write(batch: dict[str, np.ndarray], output, output_format: str, image_format: str, shard_size: int, job: dict,
+           shard_numbers) -> pa.Table:
     start = time.perf_counter()
     samples = [_sample(batch, i, job) for i in range(len(batch["prompt_id"]))]
     batch_key = hashlib.sha256("\n".join(sorted(f"{s.row['prompt_id']}/{s.row['image_index']}"
