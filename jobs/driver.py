@@ -47,6 +47,7 @@ from .claim import Claim, claim_output, now, submission_id
 from .dataflow_stats import operator_stats
 from .exit_codes import EXIT_DONE, EXIT_INCOMPLETE, EXIT_REFUSED, storage_exit
 from .plan import Plan, Scan, plan_units, scan_inputs
+from .recorder import Recorder
 from .provenance import (
     CheckpointChecks,
     checkpoint_change,
@@ -275,6 +276,7 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
     bar = tqdm(total=plan.total_images, initial=plan.done_images + plan.bad.num_rows, unit="img",
                disable=not run.progress, desc="images", dynamic_ncols=True)
     last_compact = time.monotonic()
+    recorder = Recorder(output)
     try:
         with bar:
             dataset = build_dataset(for_workers(spec), plan, job, output, gpus, shard_numbers)
@@ -291,7 +293,7 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                         # Ray hands over a writer task's result once, however often it ran the task: recording
                         # only what arrives here keeps every image in one row and one shard (workers.writer_stage).
                         with supervisor.critical():
-                            store_part(output, manifest_rows(batch))
+                            recorder.add(manifest_rows(batch))
                         statuses = batch.column("status").to_numpy(zero_copy_only=False)
                         run.generated += int((statuses == "ok").sum())
                         run.failed += int((statuses == "failed").sum())
@@ -303,9 +305,27 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                         with supervisor.critical():
                             _compact_quietly(output)
                         last_compact = time.monotonic()
+            with supervisor.critical():
+                recorder.flush()
         run.record["dataflow"] = operator_stats(dataset)
     finally:
         watchdog.done.set()
+        _stop_recording(recorder, supervisor)
+        run.record["recording"] = {"parts": recorder.parts, "rows": recorder.rows}
+
+
+def _stop_recording(recorder: Recorder, supervisor: Supervisor) -> None:
+    """Whatever ended the loop, the rows handed over are stored before anything looks for orphan shards (jobs.
+    recorder): flushed after a stop by signal or stall or a failed dataflow, dropped when the lease was lost."""
+    with supervisor.critical():
+        if not supervisor.keep_records:
+            log.warning("not recording %d images: the output's lease is lost", recorder.discard())
+        if not recorder.failed:  # else its error ended the loop, and the run reports it
+            try:
+                recorder.flush()
+            except StorageError as e:  # the stop's own reason stands; a rerun makes these images again
+                log.warning("could not record every image made: %s", e)
+        recorder.close()
 
 
 def _compact_quietly(output: Output) -> None:
