@@ -33,8 +33,9 @@ class GatedOutput(LocalOutput):
 
 
 def rows(first: int, n: int) -> pa.Table:
-    return rows_table([{"job_id": "j", "prompt_id": f"p{i:05d}", "image_index": 0, "prompt": "x", "params": "{}", "status": "failed",
-                        "error": "input: test row"} for i in range(first, first + n)]).cast(MANIFEST_SCHEMA)
+    return rows_table([{"job_id": "j", "prompt_id": f"p{i:05d}", "image_index": 0, "prompt": "x", "params": "{}",
+                        "status": "failed", "error": "input: test row"}
+                       for i in range(first, first + n)]).cast(MANIFEST_SCHEMA)
 
 
 def stored_ids(output) -> list[str]:
