@@ -34,6 +34,7 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 
@@ -153,6 +154,38 @@ def head_pids(cluster) -> list[int]:
     return [process.pid for _, process in cluster.head_node.live_processes()]
 
 
+class CpuSampler(threading.Thread):
+    """(wall clock, driver CPU s, head CPU s) every half second while a job runs: the steady state's cost per
+    image is the CPU between two samples over the images finished between them, without the fixed start-up."""
+
+    def __init__(self, heads: list[int]):
+        super().__init__(daemon=True)
+        self.heads, self.samples, self.done = heads, [], threading.Event()
+
+    def sample(self) -> None:
+        self.samples.append((time.time(), time.process_time(), sum(cpu_seconds(p) for p in self.heads)))
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            self.sample()
+
+    def per_image(self, finished: np.ndarray) -> tuple[float | None, float | None]:
+        """CPU ms per image of the driver and the head between 10 % and 90 % of the images."""
+        finished = np.sort(finished)
+        if len(finished) < 10 or len(self.samples) < 3:
+            return None, None
+        times = np.array([s[0] for s in self.samples])
+        first = int(np.searchsorted(times, finished[len(finished) // 10]))
+        last = int(np.searchsorted(times, finished[len(finished) * 9 // 10])) - 1
+        if last <= first:
+            return None, None
+        (t0, driver0, head0), (t1, driver1, head1) = self.samples[first], self.samples[last]
+        images = int(((finished >= t0) & (finished <= t1)).sum())
+        if not images:
+            return None, None
+        return 1000 * (driver1 - driver0) / images, 1000 * (head1 - head0) / images
+
+
 def write_prompts(path: Path, n: int) -> Path:
     pq.write_table(pa.table({"prompt": [f"a sausage stand at dusk, take {i}" for i in range(n)]}), path)
     return path
@@ -222,8 +255,14 @@ def run_job_measured(args, store: Store, cluster, models: SimulatedModels, promp
     heads = head_pids(cluster)
     head_before = sum(cpu_seconds(p) for p in heads)
     busy_before, total_before = machine_busy()
+    sampler = CpuSampler(heads)
+    sampler.start()
     cpu_before, wall_before = time.process_time(), time.perf_counter()
-    result = run_job(spec, progress=False, stage_models=models)
+    try:
+        result = run_job(spec, progress=False, stage_models=models)
+    finally:
+        sampler.done.set()
+        sampler.join()
     driver_cpu, wall = time.process_time() - cpu_before, time.perf_counter() - wall_before
     busy, total = machine_busy()
     head_cpu = sum(cpu_seconds(p) for p in heads) - head_before
@@ -239,6 +278,8 @@ def run_job_measured(args, store: Store, cluster, models: SimulatedModels, promp
            "sustained_images_per_s": _round(sustained_rate(finished)),
            "driver_cpu_s": round(driver_cpu, 2), "driver_cpu_ms_per_image": _round(1000 * driver_cpu / max(1, made)),
            "head_cpu_s": round(head_cpu, 2), "head_cpu_ms_per_image": _round(1000 * head_cpu / max(1, made)),
+           **dict(zip(("driver_cpu_ms_per_image_steady", "head_cpu_ms_per_image_steady"),
+                      map(_round, sampler.per_image(finished)), strict=True)),
            "machine_cpu_busy": round((busy - busy_before) / max(1e-9, total - total_before), 3),
            "requests": requests, "requests_per_image": _round(sum(requests.values()) / max(1, made)),
            "write_s_per_image": _round(float(np.mean(table.column("write_s").to_numpy()))) if made else None,
@@ -362,8 +403,9 @@ def report(row: dict) -> None:
     print(f"\njob: {row['format']}, {row['latency_ms']:g} ms per request, batch {row['batch']}: "
           f"{row['images']} images in {row['elapsed_s']} s, {row['sustained_images_per_s']} images/s sustained "
           f"(exit {row['exit_code']})")
-    print(f"  driver {row['driver_cpu_ms_per_image']} ms CPU per image, Ray head {row['head_cpu_ms_per_image']} ms; "
-          f"machine CPUs {row['machine_cpu_busy']:.0%} busy")
+    print(f"  CPU per image, whole run (steady, 10-90 %): driver {row['driver_cpu_ms_per_image']} ms "
+          f"({row['driver_cpu_ms_per_image_steady']} ms), Ray head {row['head_cpu_ms_per_image']} ms "
+          f"({row['head_cpu_ms_per_image_steady']} ms); machine CPUs {row['machine_cpu_busy']:.0%} busy")
     print(f"  store: {row['requests_per_image']} requests per image {row['requests']}; writers "
           f"{row['write_s_per_image']} s per image")
     print(f"  manifest: {row['manifest_parts_stored']} parts stored, {row['manifest_parts_left']} left after "
