@@ -284,6 +284,9 @@ def run_job_measured(args, store: Store, cluster, models: SimulatedModels, promp
            "requests": requests, "requests_per_image": _round(sum(requests.values()) / max(1, made)),
            "write_s_per_image": _round(float(np.mean(table.column("write_s").to_numpy()))) if made else None,
            "manifest_parts_stored": (record.get("recording") or {}).get("parts"),
+           "driver_loop_cpu_ms_per_image": _round(1000 * (record.get("recording") or {}).get("loop_cpu_s", 0)
+                                                  / max(1, made)),
+           "recorder_cpu_ms_per_image": _round(1000 * (record.get("recording") or {}).get("cpu_s", 0) / max(1, made)),
            "manifest_parts_left": len(part_keys(output)), "dataflow": record.get("dataflow")}
     start = time.perf_counter()
     status_report(spec.output)
@@ -406,6 +409,8 @@ def report(row: dict) -> None:
     print(f"  CPU per image, whole run (steady, 10-90 %): driver {row['driver_cpu_ms_per_image']} ms "
           f"({row['driver_cpu_ms_per_image_steady']} ms), Ray head {row['head_cpu_ms_per_image']} ms "
           f"({row['head_cpu_ms_per_image_steady']} ms); machine CPUs {row['machine_cpu_busy']:.0%} busy")
+    print(f"  of the driver's: its loop {row['driver_loop_cpu_ms_per_image']} ms, the recorder's threads "
+          f"{row['recorder_cpu_ms_per_image']} ms, the rest Ray Data's executor, Ray's client and the planning")
     print(f"  store: {row['requests_per_image']} requests per image {row['requests']}; writers "
           f"{row['write_s_per_image']} s per image")
     print(f"  manifest: {row['manifest_parts_stored']} parts stored, {row['manifest_parts_left']} left after "

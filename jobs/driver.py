@@ -285,6 +285,7 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                disable=not run.progress, desc="images", dynamic_ncols=True)
     last_compact = time.monotonic()
     recorder = Recorder(output)
+    loop_cpu = 0.0  # the loop's own CPU seconds (Ray Data's threads and the recorder's are apart)
     try:
         with bar:
             dataset = build_dataset(for_workers(spec), plan, job, output, gpus, shard_numbers, run.stage_models)
@@ -292,6 +293,7 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
             # its statistics while Ray is still connected, not at interpreter exit, where that prints a traceback.
             with closing(iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))) as batches:
                 for batch in batches:
+                    started = time.thread_time()
                     watchdog.progress()
                     failures = batch.filter(pc.not_equal(batch.column(STORAGE_ERROR), ""))
                     if failures.num_rows:
@@ -313,13 +315,15 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                         with supervisor.critical():
                             _compact_quietly(output)
                         last_compact = time.monotonic()
+                    loop_cpu += time.thread_time() - started
             with supervisor.critical():
                 recorder.flush()
         run.record["dataflow"] = operator_stats(dataset)
     finally:
         watchdog.done.set()
         _stop_recording(recorder, supervisor)
-        run.record["recording"] = {"parts": recorder.parts, "rows": recorder.rows}
+        run.record["recording"] = {"parts": recorder.parts, "rows": recorder.rows, "cpu_s": round(recorder.cpu_s, 3),
+                                   "loop_cpu_s": round(loop_cpu, 3)}
 
 
 def _stop_recording(recorder: Recorder, supervisor: Supervisor) -> None:

@@ -21,6 +21,7 @@ The rules, which the tests drive by counts and order:
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -49,6 +50,7 @@ class Recorder:
         self._flushing = 0  # flush calls waiting
         self.parts = 0  # parts stored
         self.rows = 0  # rows stored
+        self.cpu_s = 0.0  # the storing threads' CPU seconds
         self._threads = [threading.Thread(target=self._run, name=f"wurstfabrik-recorder-{i}", daemon=True)
                          for i in range(threads)]
         for thread in self._threads:
@@ -125,6 +127,7 @@ class Recorder:
                 while self._queue and count + self._queue[0].num_rows <= self.max_rows:
                     count += self._queue[0].num_rows
                     taken.append(self._queue.popleft())
+            started = time.thread_time()
             try:
                 self._store(self.output, pa.concat_tables(taken) if len(taken) > 1 else taken[0])
             except BaseException as e:  # noqa: BLE001 - a bug must not leave the driver waiting forever either
@@ -139,6 +142,7 @@ class Recorder:
                     self._changed.notify_all()
                 return
             with self._changed:
+                self.cpu_s += time.thread_time() - started
                 self._unstored -= count
                 self.parts += 1
                 self.rows += count
