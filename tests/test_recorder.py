@@ -57,11 +57,13 @@ def test_every_row_handed_over_is_stored_once_by_the_flush(tmp_path):
 def test_a_slow_store_holds_the_loop_only_once_the_bound_is_reached(tmp_path):
     output = GatedOutput(tmp_path)
     recorder = Recorder(output, max_rows=32, threads=2, group_s=0)
-    for batch in range(4):  # 32 rows: the bound, each batch handed over at once though no part is stored
+    recorder.add(rows(0, 8))
+    output.waiting.acquire()  # the first thread holds it at the gate
+    recorder.add(rows(8, 8))
+    output.waiting.acquire()  # and the second this one
+    for batch in range(2, 4):  # 32 rows: the bound, each batch handed over at once though no part is stored
         recorder.add(rows(batch * 8, 8))
     assert recorder.unstored == 32 and recorder.parts == 0
-    output.waiting.acquire()
-    output.waiting.acquire()  # both threads hold a part at the gate
     more = threading.Thread(target=recorder.add, args=(rows(32, 8),))
     more.start()
     more.join(timeout=0.5)
