@@ -200,7 +200,7 @@ def sustained_rate(times: np.ndarray) -> float | None:
     return (len(times) * 9 // 10 - len(times) // 10) / (last - first) if last > first else None
 
 
-def engine_alone(args, models: SimulatedModels, n: int) -> dict:
+def engine_alone(args, models: SimulatedModels, n: int, heads: list[int]) -> dict:
     """The simulated pools through Ray Data with nothing after them: the rate the job could reach."""
     import ray
 
@@ -218,11 +218,18 @@ def engine_alone(args, models: SimulatedModels, n: int) -> dict:
         DecoderStage, compute=ray.data.ActorPoolStrategy(size=place.decoder_actors), num_gpus=1,
         num_cpus=place.decoder_cpus, **actor)
     arrivals = []
+    sampler = CpuSampler(heads)
+    sampler.start()
     start = time.perf_counter()
     for batch in decoded.iter_batches(batch_size=None, batch_format="pyarrow"):
-        arrivals += [time.perf_counter()] * batch.num_rows
+        arrivals += [time.time()] * batch.num_rows
+    sampler.done.set()
+    sampler.join()
+    driver_ms, head_ms = sampler.per_image(np.array(arrivals))
+    # The driver here is Ray Data's executor and Ray's client alone: no loop of ours, no recording.
     return {"images": len(arrivals), "elapsed_s": round(time.perf_counter() - start, 2),
-            "sustained_images_per_s": _round(sustained_rate(np.array(arrivals)))}
+            "sustained_images_per_s": _round(sustained_rate(np.array(arrivals))),
+            "driver_cpu_ms_per_image_steady": _round(driver_ms), "head_cpu_ms_per_image_steady": _round(head_ms)}
 
 
 def job_spec(args, prompts: Path, output: str, output_format: str, batch: int):
@@ -249,6 +256,7 @@ def run_job_measured(args, store: Store, cluster, models: SimulatedModels, promp
     from wurstfabrik.store.storage import open_output
 
     store.start_proxy(latency_ms)
+    servers_before = cpu_seconds(store.proxy.pid) + cpu_seconds(store.process.pid)
     bucket = f"fleet-{uuid.uuid4().hex[:8]}"
     store.client().create_bucket(Bucket=bucket)
     spec = job_spec(args, prompts, f"s3://{bucket}/out", output_format, batch)
@@ -266,6 +274,7 @@ def run_job_measured(args, store: Store, cluster, models: SimulatedModels, promp
     driver_cpu, wall = time.process_time() - cpu_before, time.perf_counter() - wall_before
     busy, total = machine_busy()
     head_cpu = sum(cpu_seconds(p) for p in heads) - head_before
+    servers_cpu = cpu_seconds(store.proxy.pid) + cpu_seconds(store.process.pid) - servers_before
     requests = store.stop_proxy()
     store.start_proxy(latency_ms)  # what follows is not the job's: counted apart
     output = open_output(spec.output)
@@ -281,6 +290,9 @@ def run_job_measured(args, store: Store, cluster, models: SimulatedModels, promp
            **dict(zip(("driver_cpu_ms_per_image_steady", "head_cpu_ms_per_image_steady"),
                       map(_round, sampler.per_image(finished)), strict=True)),
            "machine_cpu_busy": round((busy - busy_before) / max(1e-9, total - total_before), 3),
+           # Where the machine's CPU went: the driver, the head, the S3 server and proxy, and the rest (the stage
+           # actors, read, encode and write tasks, the worker nodes' raylets, and whatever else ran here).
+           "machine_cpu_s": round(busy - busy_before, 1), "store_and_proxy_cpu_s": round(servers_cpu, 1),
            "requests": requests, "requests_per_image": _round(sum(requests.values()) / max(1, made)),
            "write_s_per_image": _round(float(np.mean(table.column("write_s").to_numpy()))) if made else None,
            "manifest_parts_stored": (record.get("recording") or {}).get("parts"),
@@ -380,9 +392,12 @@ def main(argv=None) -> dict:
             os.environ["AWS_ENDPOINT_URL"] = store.start_proxy(0)
             store.stop_proxy()
             cluster = start_cluster(args)
-            result["engine"] = engine_alone(args, models, args.images)
-            print(f"engine alone: {result['engine']['sustained_images_per_s']} images/s sustained "
-                  f"({result['engine']['images']} images in {result['engine']['elapsed_s']} s)", flush=True)
+            result["engine"] = engine_alone(args, models, args.images, head_pids(cluster))
+            engine = result["engine"]
+            print(f"engine alone: {engine['sustained_images_per_s']} images/s sustained ({engine['images']} images "
+                  f"in {engine['elapsed_s']} s); steady CPU per image: driver (Ray Data and Ray alone) "
+                  f"{engine['driver_cpu_ms_per_image_steady']} ms, head {engine['head_cpu_ms_per_image_steady']} ms",
+                  flush=True)
             for latency in args.latency_ms:
                 for output_format in args.formats:
                     for batch in args.batch:
@@ -409,6 +424,9 @@ def report(row: dict) -> None:
     print(f"  CPU per image, whole run (steady, 10-90 %): driver {row['driver_cpu_ms_per_image']} ms "
           f"({row['driver_cpu_ms_per_image_steady']} ms), Ray head {row['head_cpu_ms_per_image']} ms "
           f"({row['head_cpu_ms_per_image_steady']} ms); machine CPUs {row['machine_cpu_busy']:.0%} busy")
+    print(f"  machine CPU {row['machine_cpu_s']} s: driver {row['driver_cpu_s']}, head {row['head_cpu_s']}, S3 server "
+          f"and proxy {row['store_and_proxy_cpu_s']}, the rest (stage processes, tasks, other work) "
+          f"{row['machine_cpu_s'] - row['driver_cpu_s'] - row['head_cpu_s'] - row['store_and_proxy_cpu_s']:.1f}")
     print(f"  of the driver's: its loop {row['driver_loop_cpu_ms_per_image']} ms, the recorder's threads "
           f"{row['recorder_cpu_ms_per_image']} ms, the rest Ray Data's executor, Ray's client and the planning")
     print(f"  store: {row['requests_per_image']} requests per image {row['requests']}; writers "
