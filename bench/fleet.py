@@ -6,7 +6,8 @@ stage_models seam, writing to real S3 (rclone or moto on loopback) behind a prox
     python bench/fleet.py                                   # 64 simulated GPUs, files, rclone, 40 ms, batch 8
     python bench/fleet.py --latency-ms 0 80 --formats files webdataset parquet   # the store off the critical path?
     python bench/fleet.py --batch 8 32                      # the head's CPU per image at two batch sizes
-    python bench/fleet.py --dry-run                         # 4 simulated GPUs, a few dozen images, in seconds
+    python bench/fleet.py --engine-only                     # the baseline alone: Ray Data's own cost per image
+    python bench/fleet.py --dry-run                         # 4 simulated GPUs, a few dozen images
 
 In one run it measures the simulated engine alone (the same pools through Ray Data, no encoder, writer, store or
 manifest) as the baseline, then each job: sustained images/s once warm (10 % to 90 % of its images, by the
@@ -351,6 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                  "encoding does not hide the control plane)")
     parser.add_argument("--image-format", default="jpeg", choices=["jpeg", "png", "webp"])
     parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--engine-only", action="store_true", help="only the simulated engine through Ray Data "
+                                                                    "(its rate and the driver's CPU at that rate)")
     parser.add_argument("--dry-run", action="store_true", help="4 simulated GPUs, 48 images, 10× speed-up")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -398,7 +401,7 @@ def main(argv=None) -> dict:
                   f"in {engine['elapsed_s']} s); steady CPU per image: driver (Ray Data and Ray alone) "
                   f"{engine['driver_cpu_ms_per_image_steady']} ms, head {engine['head_cpu_ms_per_image_steady']} ms",
                   flush=True)
-            for latency in args.latency_ms:
+            for latency in [] if args.engine_only else args.latency_ms:
                 for output_format in args.formats:
                     for batch in args.batch:
                         row = run_job_measured(args, store, cluster, models, prompts, output_format, latency, batch)
