@@ -1,5 +1,7 @@
 """Kill -9 of the driver at random moments, again and again, then a rerun: every image exactly once, in files or in
-finished shards that the manifest names, and no orphan shard left. The stages are bench/simulated_engine.py's
+finished shards that the manifest names, and no orphan shard left. Half the kills come at a random time after the
+start, half once a random number of new images is recorded (plus a random moment), so that some land mid-run
+however slowly this machine starts Ray. The stages are bench/simulated_engine.py's
 (through run_job's stage_models), so a run is quick and the kills land anywhere: while Ray starts, while planning,
 while images are being recorded (jobs.recorder holds up to 4096 unstored rows), while compacting."""
 
@@ -9,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,23 @@ def start(job: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def recorded(out: Path) -> int:
+    """Images recorded ok so far (parts merged away while this reads are read again)."""
+    return len(ok_keys_once(open_output(str(out)))) if (out / "manifest").is_dir() else 0
+
+
+def _ends_within(driver: subprocess.Popen, seconds: float, until=None) -> bool:
+    """Waits `seconds` (or until `until()` is true); whether the driver ended meanwhile."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if driver.poll() is not None:
+            return True
+        if until is not None and until():
+            return False
+        time.sleep(0.2)
+    return driver.poll() is not None
+
+
 @pytest.mark.parametrize("output_format", ["files", "webdataset"])
 def test_kills_at_random_moments_leave_every_image_exactly_once(tiny_checkpoints, tmp_path, output_format):
     n = 1200
@@ -50,17 +70,23 @@ def test_kills_at_random_moments_leave_every_image_exactly_once(tiny_checkpoints
     chance = random.Random(20261207)
     moments, done_at_kills = [], []
     while len(moments) < KILLS:
+        before = recorded(out)
         driver = start(job)
-        moment = chance.uniform(2.0, 45.0)  # a driver and its own Ray take 10-30 s to start here
-        try:
-            driver.wait(timeout=moment)
-        except subprocess.TimeoutExpired:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-            moments.append(round(moment, 1))
-            done_at_kills.append(len(ok_keys_once(open_output(str(out)))) if (out / "manifest").is_dir() else 0)
+        started = time.monotonic()
+        if len(moments) % 2 == 0 or before >= n:  # in the first 20 s: Ray starting, planning, the first batches
+            wait = chance.uniform(1.0, 20.0)
+            ended = _ends_within(driver, wait)
+        else:  # once a random number of new images is recorded, and a random moment after that
+            target = before + chance.randint(1, 150)
+            ended = _ends_within(driver, 180, until=lambda target=target: recorded(out) >= target)
+            ended = ended or _ends_within(driver, chance.uniform(0.0, 2.0))
+        if ended:
+            assert driver.returncode == 0, f"a run exited {driver.returncode} after the kills at {moments}"
             continue
-        assert driver.returncode == 0, f"a run exited {driver.returncode} after the kills at {moments} s"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        moments.append(round(time.monotonic() - started, 1))
+        done_at_kills.append(recorded(out))
     # Some kills landed while images were being made and recorded, not only before or after.
     assert any(0 < done < n for done in done_at_kills), (moments, done_at_kills)
     final = start(job)
