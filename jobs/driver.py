@@ -56,6 +56,7 @@ from .provenance import (
     wurstfabrik_version,
 )
 from .ray_connection import connect_ray
+from .recorder import Recorder
 from .resources import READ_CPUS, pending_demands
 from .run_report import start_line
 from .spec import LATER_GENERATION_DEFAULTS, JobSpec
@@ -123,11 +124,11 @@ def ray_job_name() -> str | None:
 
 
 def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tuple[float, float],
-                  shard_numbers) -> ray.data.Dataset:
+                  shard_numbers, stage_models=None) -> ray.data.Dataset:
     """The whole dataflow: read tasks, the stages (jobs.stage_chain: two GPU actor pools or one fused pool, then CPU
-    encoders), then the writers."""
+    encoders), then the writers. `stage_models`: what the actors load instead of the job's checkpoints (run_job)."""
     settings = getattr(output, "settings", None)
-    models = StageModels.from_job(job.params, job.geometry, settings)
+    models = stage_models or StageModels.from_job(job.params, job.geometry, settings)
     labels = MetricLabels(job.job_id, job.run_id)
     runtime_env = stage_runtime_env()
     job_info = {"job_id": job.job_id, "run_id": job.run_id, "params": json.dumps(spec.sampler_params(),
@@ -159,6 +160,7 @@ class Run:
         self.cluster = ""  # which Ray the run is on, in words (jobs.ray_connection)
         self.record: dict = {}
         self.meter: RunMeter | None = None  # its metrics, once planned
+        self.stage_models = None  # run_job's stage_models
 
     def prepare(self) -> tuple[dict, Geometry, Scan]:
         """Everything that writes nothing to the output: checkpoints, the job's params against the output's, inputs."""
@@ -191,20 +193,25 @@ def _write_quietly(output: Output, record: dict) -> None:
         log.warning("could not write the run record: %s", e)
 
 
-def run_job(spec: JobSpec, force: bool = False, progress: bool = True) -> JobResult:
+def run_job(spec: JobSpec, force: bool = False, progress: bool = True, stage_models=None) -> JobResult:
     """Generates every image of the spec that its output does not hold yet.
+
+    `stage_models` is the seam for a simulated fleet (bench/fleet.py): an object the prior and decoder actors load
+    their pipelines from instead of workers.models.StageModels (load_prior(spec) and load_decoder(spec), each giving
+    a pipeline and a compile cache). No spec field or CLI flag reaches it; the run record names it.
 
     Raises StorageError if the output cannot be written, LeaseHeld if another run holds it; then, under the lease,
     what run_claimed raises."""
     with claim_output(spec) as claim:
-        return run_claimed(claim, force, progress)
+        return run_claimed(claim, force, progress, stage_models)
 
 
-def run_claimed(claim: Claim, force: bool = False, progress: bool = True) -> JobResult:
+def run_claimed(claim: Claim, force: bool = False, progress: bool = True, stage_models=None) -> JobResult:
     """The run of an entered claim (which gives the lease back when it exits). Raises JobError, input errors,
     CheckpointError or StorageError while checking, before any work; RunStopped if stopped then. Once the checks
     pass, it returns a JobResult whatever happens."""
     run = Run(claim, force, progress)
+    run.stage_models = stage_models
     params, geometry, scan = run.prepare()
     run.cluster = connect_ray(run.spec)
     claim.supervisor.reclaim_signals()
@@ -219,6 +226,8 @@ def _run_under_lease(run: Run, supervisor: Supervisor, params: dict, geometry: G
                   "pid": os.getpid(), "ray_job": ray_job_name(), "cluster": run.cluster,
                   "wurstfabrik": wurstfabrik_version(), "output": spec.output, "spec": spec.model_dump(mode="json"),
                   "took_over_lease_from": asdict(took_over) if took_over else None}
+    if run.stage_models is not None:
+        run.record["stage_models"] = type(run.stage_models).__qualname__  # not the job's checkpoints: a simulation
     count_store_requests(MetricLabels(current_job, run.run_id))  # the driver's S3 requests, as the run's from now on
     plan = None
     try:
@@ -275,13 +284,16 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
     bar = tqdm(total=plan.total_images, initial=plan.done_images + plan.bad.num_rows, unit="img",
                disable=not run.progress, desc="images", dynamic_ncols=True)
     last_compact = time.monotonic()
+    recorder = Recorder(output)
+    loop_cpu = 0.0  # the loop's own CPU seconds (Ray Data's threads and the recorder's are apart)
     try:
         with bar:
-            dataset = build_dataset(for_workers(spec), plan, job, output, gpus, shard_numbers)
+            dataset = build_dataset(for_workers(spec), plan, job, output, gpus, shard_numbers, run.stage_models)
             # Closed when the loop is left, by a stop's RunStopped too: Ray Data then ends the execution and reports
             # its statistics while Ray is still connected, not at interpreter exit, where that prints a traceback.
             with closing(iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))) as batches:
                 for batch in batches:
+                    started = time.thread_time()
                     watchdog.progress()
                     failures = batch.filter(pc.not_equal(batch.column(STORAGE_ERROR), ""))
                     if failures.num_rows:
@@ -291,7 +303,7 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                         # Ray hands over a writer task's result once, however often it ran the task: recording
                         # only what arrives here keeps every image in one row and one shard (workers.writer_stage).
                         with supervisor.critical():
-                            store_part(output, manifest_rows(batch))
+                            recorder.add(manifest_rows(batch))
                         statuses = batch.column("status").to_numpy(zero_copy_only=False)
                         run.generated += int((statuses == "ok").sum())
                         run.failed += int((statuses == "failed").sum())
@@ -303,9 +315,29 @@ def _generate(run: Run, supervisor: Supervisor, plan: Plan, job: Job, gpus: tupl
                         with supervisor.critical():
                             _compact_quietly(output)
                         last_compact = time.monotonic()
+                    loop_cpu += time.thread_time() - started
+            with supervisor.critical():
+                recorder.flush()
         run.record["dataflow"] = operator_stats(dataset)
     finally:
         watchdog.done.set()
+        _stop_recording(recorder, supervisor)
+        run.record["recording"] = {"parts": recorder.parts, "rows": recorder.rows, "cpu_s": round(recorder.cpu_s, 3),
+                                   "loop_cpu_s": round(loop_cpu, 3)}
+
+
+def _stop_recording(recorder: Recorder, supervisor: Supervisor) -> None:
+    """Whatever ended the loop, the rows handed over are stored before anything looks for orphan shards (jobs.
+    recorder): flushed after a stop by signal or stall or a failed dataflow, dropped when the lease was lost."""
+    with supervisor.critical():
+        if not supervisor.keep_records:
+            log.warning("not recording %d images: the output's lease is lost", recorder.discard())
+        if not recorder.failed:  # else its error ended the loop, and the run reports it
+            try:
+                recorder.flush()
+            except StorageError as e:  # the stop's own reason stands; a rerun makes these images again
+                log.warning("could not record every image made: %s", e)
+        recorder.close()
 
 
 def _compact_quietly(output: Output) -> None:

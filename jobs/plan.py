@@ -92,6 +92,7 @@ def scan_inputs(spec, check_size: Callable[[int, int], str | None],
                              f"collide; rename one or set id_column")
     skip = spec.bad_rows == "skip"
     scan = _scan(spec, files, check_size, check_prompt, settings, stop_early=not skip)
+    pa.default_memory_pool().release_unused()  # the row groups' buffers: only the ids are kept
     if spec.id_column is not None:  # row ids (file name and row number) cannot repeat
         _mark_duplicates(scan)
     problems = [p for group in scan.bad.values() for p in group.values()]

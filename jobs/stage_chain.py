@@ -105,9 +105,10 @@ def append_stages(rows: ray.data.Dataset, spec: JobSpec, models, gpus: tuple[flo
                       num_gpus=gpus[0], num_cpus=place.prior_cpus, resources=place.prior_resources or None,
                       **actor_args)
     if place.fused:  # one pool whose actors run each batch through the prior and then the decoder
-        decoded = blocks.map_batches(FusedStage, **prior_pool)
+        decoded = map_stage(blocks, FusedStage, **prior_pool)
     else:
-        decoded = blocks.map_batches(PriorStage, **prior_pool).map_batches(
+        decoded = map_stage(
+            map_stage(blocks, PriorStage, **prior_pool),
             # the prior's batches as they are when their sizes agree (one image size each)
             DecoderStage, batch_size=None if place.decoder_batch_size == place.prior_batch_size else
             place.decoder_batch_size,
@@ -119,6 +120,16 @@ def append_stages(rows: ray.data.Dataset, spec: JobSpec, models, gpus: tuple[flo
                                                          "labels": labels},
                                batch_size=None, num_cpus=place.writer_cpus, compute=encoder_pool(spec),
                                scheduling_strategy="DEFAULT", runtime_env=runtime_env)
+
+
+def map_stage(dataset: ray.data.Dataset, fn, **options) -> ray.data.Dataset:
+    """`dataset.map_batches(fn, **options)`, GPU actors with one block per batch included. Ray Data refuses
+    batch_size=None for actors that ask for GPUs (its advice: pick the largest batch that fits the GPU's memory),
+    which would keep every job off a GPU cluster; our batch is the placement's batch size, which the blocks already
+    have, so such a pool goes through map_batches_internal: the same call, without that one check."""
+    if options.get("batch_size") is None and (options.get("num_gpus") or 0) > 0:
+        return dataset.map_batches_internal(fn, **options)
+    return dataset.map_batches(fn, **options)
 
 
 def encoder_pool(spec: JobSpec) -> ray.data.TaskPoolStrategy:

@@ -40,6 +40,7 @@ class Supervisor:
     def __init__(self):
         self.reason: str | None = None
         self.exit_code = EXIT_STOPPED
+        self.keep_records = True  # whether the rows of images already made are still recorded (jobs.recorder)
         self._critical = 0
         self._main = threading.main_thread()
         self._previous: dict[int, object] = {}
@@ -69,8 +70,10 @@ class Supervisor:
                 self._previous[number] = current
                 signal.signal(number, self._on_signal)
 
-    def stop(self, reason: str, exit_code: int = EXIT_STOPPED) -> None:
-        """Asks the run to stop; callable from any thread. The first reason wins."""
+    def stop(self, reason: str, exit_code: int = EXIT_STOPPED, keep_records: bool = True) -> None:
+        """Asks the run to stop; callable from any thread. The first reason wins. `keep_records` False: the output
+        is no longer the run's to write (its lease is lost), so what it has not recorded yet is dropped."""
+        self.keep_records = self.keep_records and keep_records
         if self.reason is None:
             self.reason, self.exit_code = reason, exit_code
             log.warning("stopping: %s", reason)
@@ -140,7 +143,7 @@ class LeaseKeeper(threading.Thread):
             try:
                 self.lease.renew()
             except LeaseLost as e:
-                self.supervisor.stop(f"lost the output's lease: {e}")
+                self.supervisor.stop(f"lost the output's lease: {e}", keep_records=False)
                 return
             except StorageError as e:  # an outage: the next renewal tries again, well before the lease is stale
                 log.warning("could not renew the output's lease: %s", e)

@@ -253,13 +253,16 @@ class DecoderPipeline:
         self.geometry.check_prior_latent(prior_height, prior_width, what)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, prompts: list[str], seeds: list[int],
+    def decode(self, latents: torch.Tensor | np.ndarray, prompts: list[str], seeds: list[int],
                negative_prompts: list[str] | None = None, steps: int = 12, guidance_scale: float = 0.0,
                prompt_syntax: str = "plain", long_prompts: str = "truncate", size: tuple[int, int] | None = None,
                resize: bool = False) -> np.ndarray:
         """Images as uint8 arrays [N, H, W, 3], one per Stage C latent, with its own prompt and seed. With `size`
         (height, width), the requested size of PriorPipeline's call, each image is cut (or with `resize`, scaled
-        and cut) from the size its latent makes to exactly that size (pipeline.sizes)."""
+        and cut) from the size its latent makes to exactly that size (pipeline.sizes). `latents` may be a float32
+        numpy array (what the decoder stage holds)."""
+        if isinstance(latents, np.ndarray):
+            latents = torch.from_numpy(latents)
         if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
             raise ValueError("latents must be a tensor [N, C, h, w]")
         prompts = inputs.check_texts("prompts", prompts, latents.shape[0])

@@ -183,6 +183,9 @@ def read_manifest(output, columns: list[str] | None = None, job_id: str | None =
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             tables = list(pool.map(lambda key: _read_part(output, key, schema, wanted), keys))
         if all(t is not None for t in tables):
+            # The parts' decoding buffers go back to the system now, not at the allocator's leisure: a resume of 16
+            # million images holds the inputs' ids and these side by side (bench/plan.py, the 1.5 GB bound).
+            pa.default_memory_pool().release_unused()
             return pa.concat_tables(tables) if tables else schema.empty_table()
         if attempt == 2:
             raise ManifestError(f"{output.uri(MANIFEST_PREFIX)}: parts keep disappearing while being read; is "
@@ -251,16 +254,18 @@ def _equals(column: pa.ChunkedArray, value: str) -> pa.ChunkedArray:
 def named_uris(output) -> set[str]:
     """Every object URI that some manifest row names, of any job. Read dictionary-encoded part by part: a shard's
     URI repeats on each of its rows, so this stays small however many images there are."""
-    uris: set[str] = set()
-    for key in part_keys(output):
+    def part_uris(key: str) -> list[str]:
         try:
             with output.open_read(key) as file:
                 parquet = pq.ParquetFile(file, read_dictionary=["uri"], page_checksum_verification=True)
                 column = parquet.read(columns=["uri"]).column("uri")
         except (pa.ArrowException, OSError) as err:
             raise _unreadable(output, key, err) from None
-        uris.update(u for u in pc.unique(column).to_pylist() if u)
-    return uris
+        return [u for u in pc.unique(column).to_pylist() if u]
+
+    # Parts read side by side, as read_manifest does: on a store 80 ms away, one after another took seconds.
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        return {u for found in pool.map(part_uris, part_keys(output)) for u in found}
 
 
 def _unreadable(output, key: str, err: Exception) -> ManifestError:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ from .requests import on_request_created
 from .retry import is_transient, retry_transient
 
 T = TypeVar("T")
+MAX_POOL_CONNECTIONS = 32
+_CLIENTS: dict[tuple, tuple] = {}  # this process's clients (S3Output.client), by what builds them
+_CLIENTS_LOCK = threading.RLock()
 # Quick retries inside botocore for a dropped packet; store.retry covers the longer outages around them.
 DEFAULT_MAX_ATTEMPTS = 3
 
@@ -94,14 +98,11 @@ class S3Output:
 
     @property
     def client(self):
-        """The boto3 client, built on first use in whichever process this output now lives."""
+        """The boto3 client, built on first use in whichever process this output now lives, and shared there by
+        every output with the same endpoint, settings and AWS environment (a writer task's output is unpickled
+        anew for each task; building a client costs tens of milliseconds of CPU)."""
         if self._client is None:
-            self._compatible = self.endpoint is not None and not is_aws_endpoint(self.endpoint)
-            self._client = self._new_client()
-            if not self._compatible and not is_aws_endpoint(self._client.meta.endpoint_url):
-                # An endpoint_url from the AWS config file: known only once botocore has resolved it.
-                self._compatible = True
-                self._client = self._new_client()
+            self._client, self._session, self._compatible = _shared_client(self, "plain")
         return self._client
 
     @property
@@ -111,14 +112,28 @@ class S3Output:
         manifest's sha256 of each image check what ranged reads bring instead."""
         if self._ranged_client is None:
             self.client  # noqa: B018 - decides whether the endpoint is AWS
-            self._ranged_client = self._new_client(response_checksum_validation=COMPATIBLE_CHECKSUM_MODE)
+            self._ranged_client = _shared_client(self, "ranged")[0]
         return self._ranged_client
+
+    def _build_clients(self, kind: str):
+        """A new client of `kind` ("plain" or "ranged"), its session, and whether the store is S3-compatible."""
+        if kind == "ranged":
+            self.client  # noqa: B018
+            return (self._new_client(response_checksum_validation=COMPATIBLE_CHECKSUM_MODE), self._session,
+                    self._compatible)
+        self._compatible = self.endpoint is not None and not is_aws_endpoint(self.endpoint)
+        client = self._new_client()
+        if not self._compatible and not is_aws_endpoint(client.meta.endpoint_url):
+            # An endpoint_url from the AWS config file: known only once botocore has resolved it.
+            self._compatible = True
+            client = self._new_client()
+        return client, self._session, self._compatible
 
     def _new_client(self, **overrides):
         if self._session is None:
             self._core = botocore.session.get_session()
             self._session = boto3.session.Session(botocore_session=self._core)
-        core = self._core
+        core = self._session._session  # the botocore session under it (a shared client's session too)
         attempts = self.settings.max_attempts or core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS
         modes = checksum_modes(core) if self._compatible else {}
         config = Config(
@@ -127,6 +142,8 @@ class S3Output:
             read_timeout=self.settings.read_timeout,
             # Self-hosted servers (rclone, MinIO) rarely resolve bucket subdomains.
             s3={"addressing_style": "path"} if self._compatible else None,
+            # Shared by a writer's concurrent PUTs and a multipart upload's parts (TransferConfig's 10 threads).
+            max_pool_connections=MAX_POOL_CONNECTIONS,
             **{**modes, **overrides},
         )
         client = self._session.client("s3", endpoint_url=self.endpoint, config=config)
@@ -361,6 +378,17 @@ class _RangeReader(io.RawIOBase):
         buffer[: len(data)] = data
         self.position += len(data)
         return len(data)
+
+
+def _shared_client(output: S3Output, kind: str) -> tuple:
+    """(client, session, compatible) for the output, built once per process for each endpoint, settings and AWS
+    environment (credentials, profile, config file and checksum settings all come from it)."""
+    environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (kind, output.endpoint, output.settings, environment, os.getpid())
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            _CLIENTS[key] = output._build_clients(kind)
+        return _CLIENTS[key]
 
 
 def _sha256_metadata(data: bytes) -> dict[str, str]:

@@ -42,10 +42,11 @@ class FaultProxy:
     Of the requests, `share` get a fault: a third each 503, 500 and a dropped connection. Dropped requests are
     forwarded first, so the upstream may have done what the client never hears of (as on a real network).
     `refuse(method, path)`, called for every request, answers True for those to refuse with 403. Every request
-    waits `delay_s` first (a slow link), and is logged in `requests` as (method, path, Range header or None)."""
+    waits `delay_s` first (a slow link), and is logged in `requests` as (method, path, Range header or None).
+    `port` 0 picks a free one."""
 
     def __init__(self, upstream: str, share: float = 0.2, seed: int = 0,
-                 refuse: Callable[[str, str], bool] | None = None, delay_s: float = 0.0):
+                 refuse: Callable[[str, str], bool] | None = None, delay_s: float = 0.0, port: int = 0):
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.share = share
@@ -68,7 +69,7 @@ class FaultProxy:
 
             do_PUT = do_POST = do_HEAD = do_DELETE = do_GET
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -129,3 +129,28 @@ def test_the_writer_pool_grows_with_the_cluster(_ray_session, tiny_checkpoints, 
     spans = [tuple(map(float, p.read_text().split()[1:])) for p in log.iterdir()]
     most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert most > 2, f"at most {most} encoder tasks ran at once"
+
+
+@pytest.fixture
+def gpu_cluster(_ray_session):
+    """A head without GPUs and a worker with two logical GPUs, as a GPU cluster shows itself to Ray."""
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2, num_gpus=2)
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
+    yield worker.node_id
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_job_runs_on_a_cluster_whose_nodes_have_gpus(gpu_cluster, tiny_checkpoints, tmp_path, fused):
+    # Ray Data refused GPU actors that take one block per batch (batch_size=None): no job could start on GPUs.
+    spec = job_spec(tiny_checkpoints, tmp_path, fused=fused)
+    if fused:  # one pool: the decoder's fields do not apply
+        spec = spec.model_copy(update={"placement": spec.placement.model_copy(update={"decoder_cpus": 1.0})})
+    result = run_job(spec, progress=False)
+
+    assert result.summary["status"] == {"ok": 4, "failed": 0}
+    rows = latest_status(read_manifest(open_output(spec.output))).values()
+    assert {r["prior_node"] for r in rows} == {r["decoder_node"] for r in rows} == {gpu_cluster}

@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import ray
-import torch
 
 from .batches import column, group_rows
 from .faults import maybe_kill, record_batch
@@ -34,9 +33,10 @@ class DecoderStage:
             record_batch("decoder", height, width, len(rows))
             start = time.perf_counter()
             try:
-                latents = torch.from_numpy(np.stack([
+                # An array: the pipeline takes it to its device (no torch here, so simulated actors need none).
+                latents = np.stack([
                     np.frombuffer(batch["latent"][i], dtype=np.float32).reshape(batch["latent_shape"][i])
-                    for i in rows]))
+                    for i in rows])
                 images = self.pipe.decode(latents, [str(batch["prompt"][i]) for i in rows],
                                           [int(batch["seed"][i]) for i in rows],
                                           [str(batch["negative_prompt"][i]) for i in rows],

@@ -45,7 +45,7 @@ class PriorStage:
                     errors[i] = f"prior: {type(e).__name__}: {e}"
                 continue
             per_image = (time.perf_counter() - start) / len(rows)
-            array = result.latents.float().cpu().numpy()
+            array = _array(result.latents)
             for j, i in enumerate(rows):
                 latents[i] = array[j].tobytes()
                 shapes[i] = list(array[j].shape)
@@ -57,3 +57,10 @@ class PriorStage:
                      prior_s=column(seconds, np.float64), error=column(errors),
                      prior_node=column([ray.get_runtime_context().get_node_id()] * n))
         return batch
+
+
+def _array(latents) -> np.ndarray:
+    """The latents as float32 numpy: a torch tensor from the real pipeline, an array from a simulated one."""
+    if isinstance(latents, np.ndarray):
+        return latents.astype(np.float32, copy=False)
+    return latents.float().cpu().numpy()
