@@ -244,10 +244,19 @@ def test_bad_arguments_raise_value_error_naming_them(ours, overrides, names):
         ours.generate(**{**BASE, **overrides})
 
 
+def test_the_decoder_takes_latents_as_a_numpy_array_as_the_decoder_stage_hands_them(ours):
+    latents = ours.prior(["a cat"], [3], height=256, width=256, steps=2).latents
+    from_tensor = ours.decoder.decode(latents, ["a cat"], [3], steps=2)
+    from_array = ours.decoder.decode(latents.float().numpy(), ["a cat"], [3], steps=2)
+    assert np.array_equal(from_tensor, from_array)
+
+
 def test_decoder_checks_its_arguments(ours):
     latents = torch.zeros(1, 16, 3, 3)
     with pytest.raises(ValueError, match=r"^latents"):
-        ours.decoder.decode(latents.numpy(), ["a cat"], [1])
+        ours.decoder.decode(latents.tolist(), ["a cat"], [1])
+    with pytest.raises(ValueError, match=r"^latents"):
+        ours.decoder.decode(latents[0].numpy(), ["a cat"], [1])  # an array is taken, but it needs 4 dimensions
     with pytest.raises(ValueError, match=r"^latents"):
         ours.decoder.decode(torch.zeros(1, 16, 5, 5), ["a cat"], [1])  # Stage B latent 53×53
     with pytest.raises(ValueError, match=r"^prompts"):
