@@ -201,7 +201,8 @@ def part_keys(output) -> list[str]:
 
 def _read_part(output, key: str, schema: pa.Schema, wanted: dict[str, str | None]) -> pa.Table | None:
     """One part's rows that have the `wanted` values, in `schema`; None if the part vanished (merged) since it
-    was listed. The filter columns are read dictionary-encoded: a few distinct values, compared once each."""
+    was listed. The filter columns are read first, dictionary-encoded (a few distinct values, compared once each),
+    and the other columns only when some row matches: most parts hold no failed row, for instance."""
     filters = {name: value for name, value in wanted.items() if value is not None}
     try:
         with output.open_read(key) as file:
@@ -211,7 +212,14 @@ def _read_part(output, key: str, schema: pa.Schema, wanted: dict[str, str | None
             missing = [n for n in needed if n not in present and n not in LATER_COLUMNS]
             if missing:
                 raise ManifestError(f"{key}: missing manifest column(s) {', '.join(missing)}")
-            table = parquet.read(columns=[n for n in needed if n in present])
+            if any(name not in present for name in filters):
+                return schema.empty_table()  # a part written before the filter column existed holds no such rows
+            mask = _matching(parquet.read(columns=list(filters)), filters) if filters else None
+            if mask is not None and not pc.any(mask).as_py():
+                return schema.empty_table()
+            if mask is not None and pc.all(mask).as_py():
+                mask = None  # filtering would copy every row for nothing
+            table = parquet.read(columns=[n for n in schema.names if n in present])
     except ManifestError:
         raise
     except (pa.ArrowException, OSError) as err:
@@ -220,13 +228,7 @@ def _read_part(output, key: str, schema: pa.Schema, wanted: dict[str, str | None
         if not output.exists(key):
             return None
         raise
-    if any(name not in table.column_names for name in filters):
-        table = table.slice(0, 0)  # a part written before the filter column existed holds no such rows
-    elif filters:
-        mask = None
-        for name, value in filters.items():
-            match = _equals(table.column(name), value)
-            mask = match if mask is None else pc.and_(mask, match)
+    if mask is not None:
         table = table.filter(mask)
     for name in schema.names:
         if name not in table.column_names:
@@ -235,6 +237,15 @@ def _read_part(output, key: str, schema: pa.Schema, wanted: dict[str, str | None
         return table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
         raise ManifestError(f"{key}: columns do not match the manifest schema: {err}") from None
+
+
+def _matching(columns: pa.Table, filters: dict[str, str]) -> pa.ChunkedArray:
+    """A mask of the rows whose filter columns hold the wanted values."""
+    mask = None
+    for name, value in filters.items():
+        match = _equals(columns.column(name), value)
+        mask = match if mask is None else pc.and_(mask, match)
+    return mask
 
 
 def _equals(column: pa.ChunkedArray, value: str) -> pa.ChunkedArray:
@@ -332,8 +343,12 @@ def image_states(output, job_id: str) -> ImageStates:
     """The final state of every image of a job, without reading more than the ids of the images made: failed
     rows are few, and only those are ranked."""
     ok = read_manifest(output, ["prompt_id", "image_index"], job_id, "ok")
-    made = sum(count_distinct(ok.filter(pc.equal(ok.column("image_index"), index)).column("prompt_id"))
-               for index in pc.unique(ok.column("image_index")).to_pylist())
+    indices = pc.unique(ok.column("image_index")).to_pylist()
+    if len(indices) == 1:  # one image per prompt: filtering by it would copy every row for nothing
+        made = count_distinct(ok.column("prompt_id"))
+    else:
+        made = sum(count_distinct(ok.filter(pc.equal(ok.column("image_index"), index)).column("prompt_id"))
+                   for index in indices)
     failed = read_manifest(output, ["prompt_id", "image_index", "status", "error", "source", "finished_at"], job_id,
                            "failed")
     failed = failed.filter(pa.array(~keys_in(failed, ok)))

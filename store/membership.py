@@ -4,11 +4,14 @@ at a time and a resume of sixteen million images stays within a gigabyte and a h
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 SLICES = 32  # at 16 million ids a slice's hash set is ~50 MB of the resume's peak
+COUNT_THREADS = 4  # slices counted at once: each holds its own filtered ids and hash set
 
 
 def is_member(ids: pa.Array | pa.ChunkedArray, members: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -33,11 +36,17 @@ def is_member(ids: pa.Array | pa.ChunkedArray, members: pa.Array | pa.ChunkedArr
 
 
 def count_distinct(ids: pa.Array | pa.ChunkedArray) -> int:
-    """How many different non-null ids there are, counted slice by slice like is_member."""
+    """How many different non-null ids there are, counted slice by slice like is_member, COUNT_THREADS slices at
+    a time (Arrow's filter and hashing let go of the GIL: `status` of 16 million images spent 6 of its 11 s here)."""
     ids = _strings(ids)
     slices = _slice_numbers(ids)
-    return sum(pc.count_distinct(ids.filter(pa.array(slices == number))).as_py() for number in range(SLICES)
-               if (slices == number).any())
+
+    def count(number: int) -> int:
+        in_slice = slices == number
+        return pc.count_distinct(ids.filter(pa.array(in_slice))).as_py() if in_slice.any() else 0
+
+    with ThreadPoolExecutor(max_workers=COUNT_THREADS) as pool:
+        return sum(pool.map(count, range(SLICES)))
 
 
 def _strings(values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
