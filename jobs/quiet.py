@@ -29,6 +29,10 @@ NOISE_LOGS = {
     # machine can reach and which ends with the run) and says so on every start, as a warning.
     "ray._private.authentication.authentication_token_setup": [
         re.compile(r"^Token authentication is enabled for this Ray cluster")],
+    # A GPU stage reserves CPUs as well on purpose (placement.prior_cpus, decoder_cpus: its host-side work); Ray
+    # Data calls that combination experimental, twice per run on every GPU cluster.
+    "ray.data._internal.execution.operators.map_operator": [
+        re.compile(r"^Specifying both num_cpus and num_gpus for map tasks is experimental")],
 }
 
 
@@ -53,7 +57,7 @@ class _DropOwnStop(logging.Filter):
 
 
 def quiet_ray_logs() -> None:
-    import ray.data  # noqa: F401 - its import sets up its loggers' handlers (ray imports it lazily), adjusted below
+    import ray.data  # its import sets up its loggers' handlers (ray imports it lazily), adjusted below
 
     # Ray's console handlers keep the stderr they were made with. One made while another stderr was in place (an
     # earlier run in a notebook cell, an app or a test that swaps sys.stderr) would write to a closed file, and
@@ -73,6 +77,11 @@ def quiet_ray_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise(patterns))
+    # Ray Data's high-memory detector says every 30 s, in 14 lines, that a stage actor uses more memory than it
+    # reserved (none). Every stage actor holds a model, so it fires on every run that lasts; reserving `memory=`
+    # per actor, as it advises, would only hold back a GPU node's RAM from the encoders beside it.
+    config = ray.data.DataContext.get_current().issue_detectors_config.high_memory_detector_config
+    config.detection_time_interval_s = -1
     exceptions = logging.getLogger("ray.data.exceptions")
     if not any(isinstance(f, _DropOwnStop) for f in exceptions.filters):
         exceptions.addFilter(_DropOwnStop())
