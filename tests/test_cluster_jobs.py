@@ -28,11 +28,13 @@ PROMPTS = ["a red fox in the snow", "a lighthouse at night", "a bowl of ramen", 
 def job_spec(tiny_checkpoints, tmp_path: Path, **placement) -> JobSpec:
     pq.write_table(pa.table({"prompt": PROMPTS}), tmp_path / "prompts.parquet")
     prior, decoder = tiny_checkpoints
+    small = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25, "writer_concurrency": 1}
+    if placement.get("fused"):  # one pool: the decoder's fields do not apply
+        del small["decoder_cpus"]
     return JobSpec.from_dict({
         "prompts": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"), "prior": str(prior),
         "decoder": str(decoder), "height": 128, "width": 128, "prior_steps": 3, "decoder_steps": 2,
-        "placement": {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25, "writer_concurrency": 1,
-                      **placement}})
+        "placement": {**small, **placement}})
 
 
 @pytest.fixture
@@ -147,8 +149,6 @@ def gpu_cluster(_ray_session):
 def test_a_job_runs_on_a_cluster_whose_nodes_have_gpus(gpu_cluster, tiny_checkpoints, tmp_path, fused):
     # Ray Data refused GPU actors that take one block per batch (batch_size=None): no job could start on GPUs.
     spec = job_spec(tiny_checkpoints, tmp_path, fused=fused)
-    if fused:  # one pool: the decoder's fields do not apply
-        spec = spec.model_copy(update={"placement": spec.placement.model_copy(update={"decoder_cpus": 1.0})})
     result = run_job(spec, progress=False)
 
     assert result.summary["status"] == {"ok": 4, "failed": 0}
