@@ -2,6 +2,7 @@
 
     python train/tiny_world.py                       # about 35 minutes on one CPU core; writes jobs/demo_model/
     python train/tiny_world.py --out DIR --scale 0.02  # a few dozen steps, to check that it runs
+    python train/tiny_world.py --measure               # trains nothing: the accuracy table of jobs/demo_model/
 
 All three stages are the product's own classes (wurstfabrik.pipeline), scaled down, trained as in the paper:
 
@@ -318,6 +319,16 @@ def measure(checkpoint: Path, count: int = 110, **overrides) -> dict[str, float]
     return toy_world.accuracy(scenes, generate(pipe, scenes, **overrides))
 
 
+def print_table(checkpoint: Path, count: int) -> None:
+    """The judge's accuracy on the held-out scenes, at the demo's settings and without guidance, as a table."""
+    print(f"| {count} held-out scenes, {checkpoint.name} | background | shape colour | shape | position |")
+    print("|---|---|---|---|---|")
+    for scale in (EVAL["prior_guidance_scale"], 1.0):
+        scores = measure(checkpoint, count, prior_guidance_scale=scale)
+        print(f"| prior guidance {scale:g} | " + " | ".join(f"{scores[k]:.1%}" for k in
+                                                           ("background", "colour", "shape", "position")) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"checkpoint folder (default {DEFAULT_OUT})")
@@ -325,8 +336,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps to run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more are slower on a shared CPU)")
     parser.add_argument("--eval-count", type=int, default=110, help="held-out scenes measured at the end")
+    parser.add_argument("--measure", action="store_true", help="train nothing: measure the checkpoint in --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.measure:
+        print_table(args.out, args.eval_count)
+        return
     torch.manual_seed(args.seed)
     rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     steps = {k: max(1, round(v * args.scale)) for k, v in STEPS.items()}
