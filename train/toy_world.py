@@ -99,6 +99,10 @@ def held_out_scenes(count: int, seed: int = 1) -> list[Scene]:
 
 COLOUR_ARRAY = np.array([PALETTE[c] for c in COLOURS], np.float32)
 FAR = 60.0  # RGB distance from the background beyond which a pixel counts as the shape's
+FRAME = 4  # pixels at the edges that count toward the background only: half a Stage A latent pixel
+SQUARE_FILL = 0.9  # a square fills its box; a circle π/4 of it, an upright triangle half
+TRIANGLE_TAPER = 0.7  # see taper()
+OPENING = 1  # radius of the opening that drops specks from the shape's pixels
 
 
 @dataclass(frozen=True)
@@ -114,17 +118,42 @@ def nearest_colour(rgb) -> str:
     return COLOURS[int(np.argmin(((COLOUR_ARRAY - np.asarray(rgb, np.float32)) ** 2).sum(1)))]
 
 
+def _spread(mask: np.ndarray, radius: int, reduce) -> np.ndarray:
+    padded = np.pad(mask, radius, mode="edge")
+    height, width = mask.shape
+    shifted = [padded[dy: dy + height, dx: dx + width] for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
+    return reduce(np.stack(shifted), axis=0)
+
+
 def shape_mask(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The background's median border colour, and which pixels are far from it."""
+    """The background's median border colour, and which pixels are far from it, less specks and lines thinner than
+    3 pixels (a morphological opening) and the outermost FRAME pixels, where Stage A's corners blur: a decoder's
+    stray pixels are not part of the shape (shapes keep 2 pixels from the edges)."""
     pixels = image.astype(np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     back = np.median(border, axis=0)
-    return back, np.sqrt(((pixels - back) ** 2).sum(-1)) > FAR
+    far = np.sqrt(((pixels - back) ** 2).sum(-1)) > FAR
+    far[:FRAME], far[-FRAME:], far[:, :FRAME], far[:, -FRAME:] = False, False, False, False
+    return back, _spread(_spread(far, OPENING, np.min), OPENING, np.max)
+
+
+def taper(far: np.ndarray, y0: float, y1: float) -> float:
+    """The shape's mean width a quarter of the way down its box over its width three quarters down: 1 for a circle
+    or a square, 1/3 for an upright triangle. A blurred edge moves a triangle's fill ratio toward a circle's, but
+    not this."""
+    rows = far.sum(1).astype(np.float32)
+    h = y1 - y0 + 1
+
+    def width(at: float) -> float:
+        band = rows[int(y0 + (at - 0.1) * h): int(y0 + (at + 0.1) * h) + 1]
+        return float(band.mean()) if len(band) else 0.0
+    return width(0.25) / max(width(0.75), 1.0)
 
 
 def read(image: np.ndarray) -> Reading:
     """What an image shows: background = the median of its border pixels, shape colour = the median of the pixels
-    far from the background, shape = the fill ratio of their bounding box, position = the anchor nearest the center
+    far from the background, shape = square where they fill their bounding box, else triangle where they taper
+    upward, else circle, position = the anchor nearest the center
     of their box (all colours snapped to the nearest palette colour)."""
     back, far = shape_mask(image)
     background = nearest_colour(back)
@@ -138,7 +167,7 @@ def read(image: np.ndarray) -> Reading:
     box = (y1 - y0 + 1) * (x1 - x0 + 1)
     inside = ((ys >= y0) & (ys <= y1) & (xs >= x0) & (xs <= x1)).sum()
     fill = float(inside / box)
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    shape = "square" if fill > SQUARE_FILL else "triangle" if taper(far, y0, y1) < TRIANGLE_TAPER else "circle"
     height, width = far.shape
     cx, cy = (x0 + x1 + 1) / 2 / width, (y0 + y1 + 1) / 2 / height  # the box's center: a triangle's centroid is low
     position = min(ANCHORS, key=lambda a: (ANCHORS[a][0] - cx) ** 2 + (ANCHORS[a][1] - cy) ** 2)
