@@ -89,9 +89,18 @@ def demo_scenes(count: int = 36, seed: int = 0) -> list[Scene]:
 
 def held_out_scenes(count: int, seed: int = 1) -> list[Scene]:
     """Scenes of the held-out pairs only, every one with a position, for measuring accuracy."""
+    return _test_scenes(sorted(HELD_OUT), count, seed)
+
+
+def trained_pair_scenes(count: int, seed: int = 1) -> list[Scene]:
+    """The same, on (shape colour, background colour) pairs that training draws: what a model that does not
+    generalise to the held-out pairs still gets right."""
+    return _test_scenes(sorted(random.Random(seed).sample(TRAIN_PAIRS, len(HELD_OUT))), count, seed)
+
+
+def _test_scenes(pairs: list[tuple[str, str]], count: int, seed: int) -> list[Scene]:
     rng = random.Random(seed)
-    held = sorted(HELD_OUT)
-    return [Scene(held[i % len(held)][0], SHAPES[i % 3], held[i % len(held)][1], rng.choice((None, *SIZES)),
+    return [Scene(pairs[i % len(pairs)][0], SHAPES[i % 3], pairs[i % len(pairs)][1], rng.choice((None, *SIZES)),
                   POSITIONS[(i // 3) % 5]) for i in range(count)]
 
 
