@@ -1,9 +1,11 @@
 """The demo's model, trained on the toy world (train/tiny_world.py): its checkpoint, its prompts, the toy world's judge,
 and what of its prompts it draws on held-out colour pairs, through the product's own pipeline.
 
-Not asserted here, because the committed model does not reach them yet (docs/benchmarks.md has the figures): issue
-27's accuracy thresholds on the held-out pairs, a negative prompt naming the shape's colour lowering its share, the
-Compel weights `(red)1.5` against `(red)0.5`, and a `left` shape in the left half of a 256×128 image."""
+Of issue 27's accuracy thresholds on the held-out pairs, only the background's is asserted: the committed model meets
+it and not the others (docs/benchmarks.md has the figures: shape colour 70 %, shape 34 %, position 16 % against 85, 70
+and 80 %). Not asserted either, not having been measured on this model: a negative prompt naming the shape's colour
+lowering its share, the Compel weights `(red)1.5` against `(red)0.5`, and a `left` shape in the left half of a 256×128
+image (its Stage C was trained at 128² only)."""
 
 import re
 import subprocess
@@ -74,6 +76,15 @@ def test_the_checkpoint_is_small_half_precision_safetensors():
         with safe_open(path, framework="pt") as f:
             floats = {f.get_slice(k).get_dtype() for k in f.keys()} - {"I64"}  # BatchNorm's batch count
             assert floats == {"F16"}, path
+
+
+def test_held_out_scenes_get_the_background_of_issue_27_and_mostly_the_shapes_colour(toy):
+    """The 110 held-out scenes of docs/benchmarks.md's table, at the demo's settings."""
+    scenes = toy_world.held_out_scenes(110)
+    scores = toy_world.accuracy(scenes, tiny_world.generate(toy, scenes))
+    assert scores["background"] >= 0.85, scores  # issue 27's threshold
+    # Not issue 27's 85 %: that the shape is drawn, in its colour, in most images (the model before drew it in 9 %).
+    assert scores["colour"] > 0.5, scores
 
 
 def test_guidance_raises_accuracy(toy):
