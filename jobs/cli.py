@@ -34,8 +34,10 @@ from .supervisor import RunStopped
 # CheckpointError (pipeline/, which imports torch) is caught in run(), once the lease is taken.
 USER_ERRORS = (SpecError, InputError, StorageError, ManifestError, NoJob, NothingToPreview)
 FIX_FIRST = "a rerun alone cannot fix this"
-DEMO_SUBJECTS = ("a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sausage stand", "a sailing boat")
-DEMO_STYLES = ("watercolor", "oil painting", "photo at dusk", "pixel art", "pencil sketch", "isometric render")
+# The demo's model: a tiny Würstchen trained on a toy world of coloured shapes (train/tiny_world.py writes it, with
+# its 36 prompts). It runs at the size it was trained at, with the step counts its accuracy was measured at.
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+DEMO_SETTINGS = {"height": 128, "width": 128, "prior_steps": 12, "decoder_steps": 8}
 # Small CPU shares: both actors, a reader, an encoder and a writer fit a 2-core machine's Ray, a local one started
 # by the demo or one started by hand (`ray start --head`) that the demo joins.
 DEMO_PLACEMENT = {"prior_cpus": 0.5, "decoder_cpus": 0.5, "writer_cpus": 0.25}
@@ -101,28 +103,29 @@ def preview(output_uri: str, n: int, to: str | None) -> int:
 
 
 def write_demo_inputs(folder: Path) -> tuple[Path, Path, Path]:
-    """Tiny offline checkpoints and a Parquet file of a few dozen prompts, written once."""
+    """The demo model's checkpoints, copied from the package, and a Parquet file of its prompts, written once."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from wurstfabrik.pipeline.tiny import write_tiny_checkpoints
-
     prior, decoder = folder / "checkpoints" / "prior", folder / "checkpoints" / "decoder"
-    if not (prior / "model_index.json").exists() or not (decoder / "model_index.json").exists():
-        write_tiny_checkpoints(folder / "checkpoints")
+    for name, target in (("prior", prior), ("decoder", decoder)):
+        if not (target / "model_index.json").exists():
+            shutil.copytree(DEMO_MODEL / name, target, dirs_exist_ok=True)
     prompts = folder / "prompts.parquet"
     if not prompts.exists():
-        rows = [f"{subject}, {style}" for subject in DEMO_SUBJECTS for style in DEMO_STYLES]
+        rows = (DEMO_MODEL / "prompts.txt").read_text().splitlines()
         pq.write_table(pa.table({"prompt": rows}), prompts)
     return prompts, prior, decoder
 
 
 def demo(folder: Path, overrides: list[str], progress: bool) -> int:
     prompts, prior, decoder = write_demo_inputs(folder)
-    print(f"demo: tiny random-weight checkpoints in {prior.parent} (their images are noise), "
-          f"{prompts} holds the prompts")
+    print(f"demo: a tiny Würstchen trained on coloured shapes (train/tiny_world.py), in {prior.parent}; "
+          f"{prompts} holds its prompts")
     spec = JobSpec.from_dict({"prompts": str(prompts), "output": str(folder / "output"), "prior": str(prior),
-                              "decoder": str(decoder), "height": 256, "width": 256,
+                              "decoder": str(decoder), **DEMO_SETTINGS,
                               "placement": DEMO_PLACEMENT}).with_overrides(overrides)
     code = run(spec, force=False, progress=progress)
     print(f"output: {spec.output} (`wurstfabrik status {spec.output}`, `wurstfabrik preview {spec.output}`)")
