@@ -128,6 +128,15 @@ def warmup_cosine(optimizer, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def descend(loss: torch.Tensor, optimizer, schedule, params: list) -> None:
+    """One optimizer step on `loss`, its gradients clipped to norm 1."""
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def log(stage: str, step: int, steps: int, loss: float, started: float) -> None:
     print(f"stage {stage} step {step}/{steps} loss {loss:.4f} ({time.time() - started:.0f} s)", flush=True)
 
@@ -219,11 +228,7 @@ def train_stage_b(steps: int, vqgan: StageA, text, captions: Captions, rng: rand
         loss_b = F.mse_loss(decoder(x, r, effnet, clip), noise)
         loss_head = F.mse_loss(head(semantic), latents)
         loss = loss_b + loss_head
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        descend(loss, optimizer, schedule, params)
         if step % 100 == 0 or step == steps:
             log("B", step, steps, loss_b.item(), started)
     return decoder.eval().requires_grad_(False), encoder.eval().requires_grad_(False)
@@ -275,11 +280,7 @@ def train_stage_c(steps: int, encoder: SemanticEncoder, text, captions: Captions
         clip = text(ids, attention_mask=mask).last_hidden_state
         x, r, noise = noised(semantic, generator)
         loss = (((prior(x, r, clip) - noise) ** 2).mean((1, 2, 3)) * loss_weight(r)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        descend(loss, optimizer, schedule, params)
         if step % 100 == 0 or step == steps:
             log("C", step, steps, loss.item(), started)
     text.eval().requires_grad_(False)
