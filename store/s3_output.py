@@ -86,7 +86,6 @@ class S3Output:
         self.endpoint = endpoint
         self.root_uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self._base = f"{prefix}/" if prefix else ""
-        self._core: botocore.session.Session | None = None
         self._session: boto3.session.Session | None = None
         self._client = None
         self._ranged_client = None
@@ -94,7 +93,7 @@ class S3Output:
 
     # boto3 sessions and clients neither pickle nor survive a fork; each process builds its own.
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_core": None, "_session": None, "_client": None, "_ranged_client": None}
+        return {**self.__dict__, "_session": None, "_client": None, "_ranged_client": None}
 
     @property
     def client(self):
@@ -131,8 +130,7 @@ class S3Output:
 
     def _new_client(self, **overrides):
         if self._session is None:
-            self._core = botocore.session.get_session()
-            self._session = boto3.session.Session(botocore_session=self._core)
+            self._session = boto3.session.Session(botocore_session=botocore.session.get_session())
         core = self._session._session  # the botocore session under it (a shared client's session too)
         attempts = self.settings.max_attempts or core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS
         modes = checksum_modes(core) if self._compatible else {}
