@@ -33,7 +33,9 @@ from wurstfabrik.store.ids import image_key, sample_key
 from wurstfabrik.store.manifest import part_keys
 from wurstfabrik.store.storage import open_output
 
-IMAGES = 12
+# Enough that the run is still making images when the test sees its first manifest part and kills it: with 12, the
+# tiny model sometimes recorded them all in the ~0.3 s the test takes to see a part.
+IMAGES = 36
 
 
 def store_environment(store: str, request) -> tuple[dict, str]:
