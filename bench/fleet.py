@@ -7,6 +7,7 @@ stage_models seam, writing to real S3 (rclone or moto on loopback) behind a prox
     python bench/fleet.py --latency-ms 0 80 --formats files webdataset parquet   # the store off the critical path?
     python bench/fleet.py --batch 8 32                      # the head's CPU per image at two batch sizes
     python bench/fleet.py --engine-only                     # the baseline alone: Ray Data's own cost per image
+    python bench/fleet.py --batches-per-block 1 auto        # one GPU batch per Ray Data block, and the default
     python bench/fleet.py --dry-run                         # 4 simulated GPUs, a few dozen images
 
 In one run it measures the simulated engine alone (the same pools through Ray Data, no encoder, writer, store or
@@ -201,19 +202,21 @@ def sustained_rate(times: np.ndarray) -> float | None:
     return (len(times) * 9 // 10 - len(times) // 10) / (last - first) if last > first else None
 
 
-def engine_alone(args, models: SimulatedModels, n: int, heads: list[int]) -> dict:
+def engine_alone(args, models: SimulatedModels, n: int, heads: list[int], batch: int, per_block: int | None) -> dict:
     """The simulated pools through Ray Data with nothing after them: the rate the job could reach."""
     import ray
 
+    from wurstfabrik.jobs.stage_chain import block_rows
     from wurstfabrik.workers.decoder_stage import DecoderStage
     from wurstfabrik.workers.prior_stage import PriorStage
 
-    spec = job_spec(args, Path("/nonexistent.parquet"), "unused", "files", args.batch[0])
+    spec = job_spec(args, Path("/nonexistent.parquet"), "unused", "files", batch, per_block)
     rows = ray.data.from_items([{"prompt_id": f"p{i}", "prompt": "x", "negative_prompt": "", "seed": i,
                                  "height": args.size, "width": args.size} for i in range(n)])
     place = spec.placement
     actor = {"fn_constructor_kwargs": {"spec": spec, "models": models, "labels": None}, "batch_size": None}
-    blocks = rows.repartition(target_num_rows_per_block=place.prior_batch_size)
+    rows_per_block = block_rows(place, n)
+    blocks = rows.repartition(target_num_rows_per_block=rows_per_block)
     decoded = blocks.map_batches_internal(PriorStage, compute=ray.data.ActorPoolStrategy(size=place.prior_actors),
                                           num_gpus=1, num_cpus=place.prior_cpus, **actor).map_batches_internal(
         DecoderStage, compute=ray.data.ActorPoolStrategy(size=place.decoder_actors), num_gpus=1,
@@ -222,18 +225,19 @@ def engine_alone(args, models: SimulatedModels, n: int, heads: list[int]) -> dic
     sampler = CpuSampler(heads)
     sampler.start()
     start = time.perf_counter()
-    for batch in decoded.iter_batches(batch_size=None, batch_format="pyarrow"):
-        arrivals += [time.time()] * batch.num_rows
+    for block in decoded.iter_batches(batch_size=None, batch_format="pyarrow"):
+        arrivals += [time.time()] * block.num_rows
     sampler.done.set()
     sampler.join()
     driver_ms, head_ms = sampler.per_image(np.array(arrivals))
     # The driver here is Ray Data's executor and Ray's client alone: no loop of ours, no recording.
-    return {"images": len(arrivals), "elapsed_s": round(time.perf_counter() - start, 2),
+    return {"batch": batch, "batches_per_block": per_block or "auto", "rows_per_block": rows_per_block,
+            "images": len(arrivals), "elapsed_s": round(time.perf_counter() - start, 2),
             "sustained_images_per_s": _round(sustained_rate(np.array(arrivals))),
             "driver_cpu_ms_per_image_steady": _round(driver_ms), "head_cpu_ms_per_image_steady": _round(head_ms)}
 
 
-def job_spec(args, prompts: Path, output: str, output_format: str, batch: int):
+def job_spec(args, prompts: Path, output: str, output_format: str, batch: int, per_block: int | None):
     from wurstfabrik.jobs.spec import JobSpec
 
     prior, decoder = args.checkpoints
@@ -244,13 +248,15 @@ def job_spec(args, prompts: Path, output: str, output_format: str, batch: int):
         "shard_size": args.shard_size,
         "placement": {"prior_actors": half, "decoder_actors": args.gpus - half, "prior_gpus": 1.0,
                       "decoder_gpus": 1.0, "prior_cpus": 0.01, "decoder_cpus": 0.01, "writer_cpus": 0.25,
-                      "prior_batch_size": batch, "decoder_batch_size": batch, "max_restarts": 0},
+                      "prior_batch_size": batch, "decoder_batch_size": batch, "batches_per_block": per_block,
+                      "max_restarts": 0},
         "resilience": {"stall_s": 300.0}})
 
 
 def run_job_measured(args, store: Store, cluster, models: SimulatedModels, prompts: Path, output_format: str,
-                     latency_ms: float, batch: int) -> dict:
+                     latency_ms: float, batch: int, per_block: int | None) -> dict:
     from wurstfabrik.jobs.driver import run_job
+    from wurstfabrik.jobs.stage_chain import block_rows
     from wurstfabrik.jobs.status import status_report
     from wurstfabrik.store.manifest import part_keys, read_manifest
     from wurstfabrik.store.runs import read_runs
@@ -260,7 +266,7 @@ def run_job_measured(args, store: Store, cluster, models: SimulatedModels, promp
     servers_before = cpu_seconds(store.proxy.pid) + cpu_seconds(store.process.pid)
     bucket = f"fleet-{uuid.uuid4().hex[:8]}"
     store.client().create_bucket(Bucket=bucket)
-    spec = job_spec(args, prompts, f"s3://{bucket}/out", output_format, batch)
+    spec = job_spec(args, prompts, f"s3://{bucket}/out", output_format, batch, per_block)
     heads = head_pids(cluster)
     head_before = sum(cpu_seconds(p) for p in heads)
     busy_before, total_before = machine_busy()
@@ -283,7 +289,9 @@ def run_job_measured(args, store: Store, cluster, models: SimulatedModels, promp
     record = next(r for r in read_runs(output) if r.get("run_id") == result.summary["run_id"])
     table = read_manifest(output, ["finished_at", "write_s"], result.summary["job_id"], "ok")
     finished = pc.cast(table.column("finished_at"), pa.int64()).to_numpy().astype(np.float64) / 1e6
-    row = {"format": output_format, "latency_ms": latency_ms, "batch": batch, "images": made,
+    row = {"format": output_format, "latency_ms": latency_ms, "batch": batch,
+           "batches_per_block": per_block or "auto", "rows_per_block": block_rows(spec.placement, args.images),
+           "images": made,
            "exit_code": result.exit_code, "elapsed_s": round(wall, 2),
            "sustained_images_per_s": _round(sustained_rate(finished)),
            "driver_cpu_s": round(driver_cpu, 2), "driver_cpu_ms_per_image": _round(1000 * driver_cpu / max(1, made)),
@@ -346,6 +354,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[40.0])
     parser.add_argument("--formats", nargs="+", default=["files"], choices=["files", "webdataset", "parquet"])
     parser.add_argument("--batch", type=int, nargs="+", default=[8], help="prior and decoder batch sizes")
+    parser.add_argument("--batches-per-block", nargs="+", default=[None], type=_per_block,
+                        help="prior batches per Ray Data block: numbers or auto (default auto)")
     parser.add_argument("--images", type=int, default=3000, help="images per job (default 3000)")
     parser.add_argument("--store", choices=["rclone", "moto"], default="rclone")
     parser.add_argument("--full-size", action="store_true", help="1024² images (default 128²: small, so that "
@@ -362,6 +372,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.shard_size = min(args.shard_size, 16)
     args.size = 1024 if args.full_size else 128
     return args
+
+
+def _per_block(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"a number ≥ 1 or auto, not {value!r}")
+    return int(value)
 
 
 def main(argv=None) -> dict:
@@ -395,17 +413,25 @@ def main(argv=None) -> dict:
             os.environ["AWS_ENDPOINT_URL"] = store.start_proxy(0)
             store.stop_proxy()
             cluster = start_cluster(args)
-            result["engine"] = engine_alone(args, models, args.images, head_pids(cluster))
-            engine = result["engine"]
-            print(f"engine alone: {engine['sustained_images_per_s']} images/s sustained ({engine['images']} images "
-                  f"in {engine['elapsed_s']} s); steady CPU per image: driver (Ray Data and Ray alone) "
-                  f"{engine['driver_cpu_ms_per_image_steady']} ms, head {engine['head_cpu_ms_per_image_steady']} ms",
-                  flush=True)
+            shapes = [(batch, per_block) for batch in args.batch for per_block in args.batches_per_block]
+            engines = {}
+            for batch, per_block in shapes:
+                engine = engines[batch, per_block] = engine_alone(args, models, args.images, head_pids(cluster), batch,
+                                                                  per_block)
+                print(f"engine alone, batch {batch}, {engine['rows_per_block']} rows per block: "
+                      f"{engine['sustained_images_per_s']} images/s sustained ({engine['images']} images in "
+                      f"{engine['elapsed_s']} s); steady CPU per image: driver (Ray Data and Ray alone) "
+                      f"{engine['driver_cpu_ms_per_image_steady']} ms, "
+                      f"head {engine['head_cpu_ms_per_image_steady']} ms",
+                      flush=True)
+            result["engines"] = list(engines.values())
+            result["engine"] = result["engines"][0]
             for latency in [] if args.engine_only else args.latency_ms:
                 for output_format in args.formats:
-                    for batch in args.batch:
-                        row = run_job_measured(args, store, cluster, models, prompts, output_format, latency, batch)
-                        row["cap"] = cap(row, result["engine"]["sustained_images_per_s"], cores)
+                    for batch, per_block in shapes:
+                        row = run_job_measured(args, store, cluster, models, prompts, output_format, latency, batch,
+                                               per_block)
+                        row["cap"] = cap(row, engines[batch, per_block]["sustained_images_per_s"], cores)
                         result["jobs"].append(row)
                         report(row)
                         if args.json:
@@ -421,7 +447,8 @@ def main(argv=None) -> dict:
 
 
 def report(row: dict) -> None:
-    print(f"\njob: {row['format']}, {row['latency_ms']:g} ms per request, batch {row['batch']}: "
+    print(f"\njob: {row['format']}, {row['latency_ms']:g} ms per request, batch {row['batch']}, "
+          f"{row['rows_per_block']} rows per block: "
           f"{row['images']} images in {row['elapsed_s']} s, {row['sustained_images_per_s']} images/s sustained "
           f"(exit {row['exit_code']})")
     print(f"  CPU per image, whole run (steady, 10-90 %): driver {row['driver_cpu_ms_per_image']} ms "

@@ -138,7 +138,7 @@ def build_dataset(spec: JobSpec, plan: Plan, job: Job, output: Output, gpus: tup
     rows = ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=max(1, len(plan.units))).flat_map(
         read_unit, fn_kwargs={"spec": spec, "settings": settings, "labels": labels}, num_cpus=READ_CPUS,
         runtime_env=runtime_env)
-    encoded = append_stages(rows, spec, models, gpus, labels)
+    encoded = append_stages(rows, spec, models, gpus, labels, plan.pending_images)
     if job.output_format.batch_size:
         # A shard format writes one shard per block: blocks of exactly shard_size encoded images (the last one
         # smaller), gathered after encoding, so a writer never holds a shard's raw pixels.

@@ -36,6 +36,11 @@ class Placement(Frozen):
     """Images per prior model batch."""
     decoder_batch_size: StrictInt = Field(8, ge=1)
     """Images per decoder model batch."""
+    batches_per_block: StrictInt | None = Field(None, ge=1)
+    """Prior batches per Ray Data block through the stages. Ray Data's driver and head spend about the same per
+    block whatever it holds, so more rows per block cost the head less per image; one batch per block lets a small
+    job reach every actor sooner. Auto: blocks of about 32 images, fewer while a job has under 8 such blocks per
+    prior actor to make."""
     writer_concurrency: StrictInt | None = Field(None, ge=1)
     """Caps the encoder and the writer tasks, each; none lets Ray Data run as many as there are free CPUs."""
     prior_resources: dict[str, StrictFloat] = Field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""The stages of every dataflow we build, and what they need settled first: blocks of one prior batch → the prior
+"""The stages of every dataflow we build, and what they need settled first: blocks of a few prior batches → the prior
 and decoder actor pools (or one fused pool) → CPU encoders. The job's chain (jobs.driver.build_dataset) and
 `wurstfabrik.generate` both append exactly these, so a user's Dataset gets the job's batching, actors, compile cache
 and precision."""
@@ -23,6 +23,10 @@ from wurstfabrik.workers.prior_stage import PriorStage
 
 from .resources import ClusterShape, demands, stage_gpus, unschedulable
 from .spec import JobSpec
+
+# Rows per block the stages aim for when the placement does not say (block_rows): at 8 or more, Ray Data's cost on
+# the driver and head per image falls with the rows per block (docs/benchmarks.md, fleet).
+BLOCK_ROWS = 32
 
 
 def local_folder(name: str) -> Path | None:
@@ -84,11 +88,25 @@ def stage_runtime_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
+def block_rows(place, images: int | None) -> int:
+    """Rows per block through the stages: whole prior batches, `batches_per_block` of them, or auto: about
+    BLOCK_ROWS, but fewer while `images` (the rows to make, None when unknown) are under 8 such blocks per prior
+    actor, down to one batch, so that a small job still spreads over every actor."""
+    batch = place.prior_batch_size
+    if place.batches_per_block is not None:
+        return batch * place.batches_per_block
+    batches = max(1, BLOCK_ROWS // batch)
+    if images is not None:
+        batches = max(1, min(batches, images // (8 * batch * place.prior_actors)))
+    return batch * batches
+
+
 def append_stages(rows: ray.data.Dataset, spec: JobSpec, models, gpus: tuple[float, float],
-                  labels: MetricLabels | None) -> ray.data.Dataset:
+                  labels: MetricLabels | None, images: int | None = None) -> ray.data.Dataset:
     """`rows` (image rows: prompt_id, prompt, negative_prompt, seed, height, width) through the prior and decoder
     and encoded; each row gains the stages' columns (`data`, the encoded image, and its `error`, "" when none).
-    `spec` is as the workers get it (for_workers); `models` what the actors load (workers.models.StageModels)."""
+    `spec` is as the workers get it (for_workers); `models` what the actors load (workers.models.StageModels);
+    `images` the number of rows, where known (block_rows)."""
     place = spec.placement
     runtime_env = stage_runtime_env()
     actor_args = {"max_restarts": place.max_restarts, "max_task_retries": place.max_task_retries,
@@ -97,10 +115,11 @@ def append_stages(rows: ray.data.Dataset, spec: JobSpec, models, gpus: tuple[flo
     # Ray 2.60 has no named parameter for actor restarts; its generic remote args warn of deprecation.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     # A read unit's rows would otherwise travel as one block, and the decoder would wait for the prior to finish all
-    # of them; blocks of one prior batch keep both pools busy from the first batch on. Each block is one batch
-    # (batch_size=None): a batch filled up from the next block could mix sizes, which the stages would run as two
-    # part-empty model batches (the job's read units hold one size each; a user's Dataset is as its user made it).
-    blocks = rows.repartition(target_num_rows_per_block=place.prior_batch_size)
+    # of them; blocks of a few prior batches keep both pools busy from the first blocks on. The stages take a block
+    # whole (batch_size=None) and cut it into model batches of one size each (workers.batches.model_batches): a
+    # batch filled up from the next block could mix sizes, which would run as two part-empty model batches (the
+    # job's read units hold one size each; a user's Dataset is as its user made it).
+    blocks = rows.repartition(target_num_rows_per_block=block_rows(place, images))
     prior_pool = dict(batch_size=None, compute=ray.data.ActorPoolStrategy(size=place.prior_actors),
                       num_gpus=gpus[0], num_cpus=place.prior_cpus, resources=place.prior_resources or None,
                       **actor_args)
@@ -109,7 +128,7 @@ def append_stages(rows: ray.data.Dataset, spec: JobSpec, models, gpus: tuple[flo
     else:
         decoded = map_stage(
             map_stage(blocks, PriorStage, **prior_pool),
-            # the prior's batches as they are when their sizes agree (one image size each)
+            # the prior's blocks as they are (the decoder cuts them into its own batches) when the sizes agree
             DecoderStage, batch_size=None if place.decoder_batch_size == place.prior_batch_size else
             place.decoder_batch_size,
             compute=ray.data.ActorPoolStrategy(size=place.decoder_actors), num_gpus=gpus[1],

@@ -103,9 +103,11 @@ def two_runs(tmp_path_factory, tiny_checkpoints, _ray_session, s3_server) -> Two
     printed = io.StringIO()
     with redirect_stdout(printed):
         code = main(["status", str(out)])
-    metrics = scrape_until(metrics_port(), lambda samples: (  # both runs' last values reported by now
+    metrics = scrape_until(metrics_port(), lambda samples: (  # both runs' and every stage's last values reported
         total(samples, "ray_wurstfabrik_images_total", run_id=first.summary["run_id"]) == 3
-        and total(samples, "ray_wurstfabrik_job_images_done", run_id=again.summary["run_id"]) == 3))
+        and total(samples, "ray_wurstfabrik_job_images_done", run_id=again.summary["run_id"]) == 3
+        and all(total(samples, "ray_wurstfabrik_stage_seconds_count", run_id=first.summary["run_id"], stage=stage)
+                == 3 for stage in STAGES)))
     return TwoRuns(spec, folder, first, again, (after_first[0], after_again[0]), (after_first[1], after_again[1]),
                    read_runs(open_output(str(out))), (code, printed.getvalue()), metrics)
 
@@ -388,8 +390,35 @@ def test_a_job_of_two_sizes_runs_full_batches_of_one_size(ray_local, tiny_checkp
         ("prior", 128): [4, 2], ("prior", 256): [4, 1], ("decoder", 128): [4, 2], ("decoder", 256): [4, 1]}
 
 
+def test_blocks_of_several_batches_make_the_same_images_in_batches_of_the_placements_size(
+        ray_local, tiny_checkpoints, tmp_path, monkeypatch):
+    """Blocks of three prior batches (batches_per_block), through two pools and through fused actors: each stage
+    cuts them into model batches of its own size, and the images are those of one batch per block."""
+    log = tmp_path / "batches"
+    log.mkdir()
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"batch_log": str(log)}))
+    prompts = write_prompts(tmp_path / "prompts.parquet", [f"prompt {i}" for i in range(7)])
+    digests, batches = {}, {}
+    for name, placement in (("one batch", {"batches_per_block": 1}), ("three", {"batches_per_block": 3}),
+                            ("three, fused", {"batches_per_block": 3, "fused": True, "decoder_cpus": 1.0})):
+        out = tmp_path / name
+        spec = make_spec(tiny_checkpoints, prompts, out, prior_steps=2, decoder_steps=2,
+                         placement={**placement, "prior_batch_size": 2, "decoder_batch_size": 2})
+        result = run_job(spec, progress=False)
+        assert result.exit_code == 0 and result.summary["status"] == {"ok": 7, "failed": 0}
+        digests[name] = {key: row["sha256"] for key, row in ok_rows(open_output(str(out))).items()}
+        operators = [op["operator"] for op in read_runs(open_output(str(out)))[-1]["dataflow"]]
+        rows = 2 * placement["batches_per_block"]
+        assert any(f"num_rows_per_block={rows}," in op for op in operators), operators
+        batches[name] = sorted(json.loads(p.read_text())["images"] for p in log.iterdir())
+        for path in log.iterdir():
+            path.unlink()
+    assert len(digests["one batch"]) == 7 and digests["three"] == digests["three, fused"] == digests["one batch"]
+    assert batches == dict.fromkeys(digests, [1, 1, 2, 2, 2, 2, 2, 2])  # prior and decoder: 2 + 2 + 2 + 1 each
+
+
 def test_a_fused_placement_makes_the_same_images_as_two_pools(ray_local, tiny_checkpoints, tmp_path):
-    """One pool whose actors hold both halves (the decoder in slices of decoder_batch_size) against the two
+    """One pool whose actors hold both halves (the decoder in batches of decoder_batch_size) against the two
     pools; the run record names the operators that ran, with their busy and backpressure seconds."""
     prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS[:4])
     digests, dataflow = {}, {}

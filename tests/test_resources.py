@@ -1,5 +1,5 @@
 """Tests for jobs.resources: what a placement needs, whether a cluster (with its autoscaler) can ever hold it, and
-how automatic GPU shares are chosen."""
+how automatic GPU shares are chosen; and how many rows a block carries through the stages."""
 
 import pytest
 import yaml
@@ -7,6 +7,7 @@ from test_cluster_config import CLUSTER, JOB
 
 from wurstfabrik.jobs.resources import ClusterShape, demands, stage_gpus, unschedulable
 from wurstfabrik.jobs.spec import Placement, load_spec
+from wurstfabrik.jobs.stage_chain import BLOCK_ROWS, block_rows
 
 
 def needs(gpus=(0.0, 0.0), **fields):
@@ -76,3 +77,18 @@ def test_the_example_job_fits_the_example_cluster_as_the_driver_checks_it():
                           for name, t in types.items() if name != head])
     place = load_spec(JOB).placement
     assert unschedulable(demands(place, *stage_gpus(place, shape)), shape) is None
+
+
+@pytest.mark.parametrize("fields, images, rows", [
+    ({}, None, BLOCK_ROWS),  # a user's Dataset, of unknown length: blocks of about BLOCK_ROWS
+    ({}, 1_000_000, BLOCK_ROWS),
+    ({"prior_batch_size": 32}, 1_000_000, 32),
+    ({"prior_batch_size": 12}, 1_000_000, 24),  # whole batches only
+    ({"prior_batch_size": 64}, 1_000_000, 64),  # never less than one batch
+    ({}, 24, 8),  # a small job: one batch per block, so that it spreads over every actor
+    ({"prior_actors": 4}, 8 * 16 * 4, 16),  # 8 blocks of two batches per actor, not of four
+    ({"batches_per_block": 1}, 1_000_000, 8),
+    ({"batches_per_block": 16, "prior_batch_size": 2}, 10, 32),  # as set, whatever the job's size
+])
+def test_a_block_holds_whole_prior_batches(fields, images, rows):
+    assert block_rows(Placement(**fields), images) == rows

@@ -15,6 +15,14 @@ def group_rows(batch: dict[str, np.ndarray], key_columns: tuple[str, ...]) -> di
     return dict(groups)
 
 
+def model_batches(batch: dict[str, np.ndarray], size: int) -> list[tuple[tuple[int, int], list[int]]]:
+    """The error-free rows of a block as model batches: one (height, width) each, at most `size` rows. A block may
+    hold several GPU batches (jobs.stage_chain.block_rows), and a batch never grows past the placement's size."""
+    return [(shape, rows[start:start + size])
+            for shape, rows in group_rows(batch, ("height", "width")).items()
+            for start in range(0, len(rows), size)]
+
+
 def column(values: list, dtype=None) -> np.ndarray:
     """A batch column from a list, kept one-dimensional even when its items are sequences."""
     if dtype is not None:

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import ray
 
-from .batches import column, group_rows
+from .batches import column, model_batches
 from .faults import maybe_kill, record_batch
 from .metrics import StageMeter
 
@@ -29,7 +29,7 @@ class DecoderStage:
         errors = list(batch["error"])
         pixels, sizes, generated, seconds = [b""] * n, [[0, 0]] * n, [[0, 0]] * n, [0.0] * n
         spec = self.spec
-        for (height, width), rows in group_rows(batch, ("height", "width")).items():
+        for (height, width), rows in model_batches(batch, spec.placement.decoder_batch_size):
             record_batch("decoder", height, width, len(rows))
             start = time.perf_counter()
             try:

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import ray
 
-from .batches import column, group_rows
+from .batches import column, model_batches
 from .faults import maybe_hang, maybe_kill, record_batch
 from .metrics import StageMeter
 
@@ -31,7 +31,7 @@ class PriorStage:
         latents, shapes = [b""] * n, [[0, 0, 0]] * n
         truncated, seconds = [False] * n, [0.0] * n
         spec = self.spec
-        for (height, width), rows in group_rows(batch, ("height", "width")).items():
+        for (height, width), rows in model_batches(batch, spec.placement.prior_batch_size):
             record_batch("prior", height, width, len(rows))
             start = time.perf_counter()
             try:
