@@ -3,15 +3,16 @@ and what of its prompts it draws on held-out colour pairs, through the product's
 
 Of issue 27's accuracy thresholds on the held-out pairs, only the background's is asserted: the committed model meets
 it and not the others (docs/benchmarks.md has the figures: shape colour 70 %, shape 34 %, position 16 % against 85, 70
-and 80 %). Not asserted either, not having been measured on this model: a negative prompt naming the shape's colour
-lowering its share, the Compel weights `(red)1.5` against `(red)0.5`, and a `left` shape in the left half of a 256×128
-image (its Stage C was trained at 128² only)."""
+and 80 %). A negative prompt naming the shape's colour and Compel weights on it pull its share of the image their way.
+Not asserted: a `left` shape in the left half of a 256×128 image (measured: 11 of 20 left or right shapes in the named
+half, chance; its Stage C was trained at 128² only and does not place shapes where the caption says)."""
 
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -92,6 +93,33 @@ def test_guidance_raises_accuracy(toy):
     unguided = toy_world.accuracy(scenes, tiny_world.generate(toy, scenes, prior_guidance_scale=1.0))
     guided = toy_world.accuracy(scenes, tiny_world.generate(toy, scenes, prior_guidance_scale=4.0))
     assert sum(guided.values()) > sum(unguided.values()), (unguided, guided)
+
+
+def colour_shares(toy, scenes, prompts, **options) -> list[float]:
+    """Each image's share of pixels nearest its scene's shape colour, generated at the demo's settings."""
+    images = toy.generate(prompts, list(range(len(scenes))), **{**tiny_world.EVAL, **options}).images
+    return [toy_world.colour_share(np.asarray(image), s.colour) for image, s in zip(images, scenes, strict=True)]
+
+
+def test_a_negative_prompt_naming_the_shapes_colour_lowers_its_share(toy):
+    scenes = toy_world.held_out_scenes(33, seed=3)
+    captions = [s.caption for s in scenes]
+    plain = colour_shares(toy, scenes, captions)
+    negated = colour_shares(toy, scenes, captions, negative_prompts=[s.colour for s in scenes])
+    assert np.mean(negated) < 0.75 * np.mean(plain), (np.mean(plain), np.mean(negated))
+    assert sum(n < p for n, p in zip(negated, plain, strict=True)) >= 0.6 * len(scenes)
+
+
+def test_compel_weights_on_the_shapes_colour_move_its_share_their_way(toy):
+    scenes = toy_world.held_out_scenes(33, seed=3)
+
+    def weighted(weight: float) -> list[str]:
+        return [s.caption.replace(f" {s.colour} ", f" ({s.colour}){weight} ", 1) for s in scenes]
+
+    up = colour_shares(toy, scenes, weighted(1.5), prompt_syntax="compel")
+    down = colour_shares(toy, scenes, weighted(0.5), prompt_syntax="compel")
+    assert np.mean(up) > 2 * np.mean(down), (np.mean(up), np.mean(down))
+    assert sum(u > d for u, d in zip(up, down, strict=True)) >= 0.8 * len(scenes)
 
 
 @pytest.mark.slow
