@@ -8,7 +8,7 @@ stage_models seam, writing to real S3 (rclone or moto on loopback) behind a prox
     python bench/fleet.py --batch 8 32                      # the head's CPU per image at two batch sizes
     python bench/fleet.py --engine-only                     # the baseline alone: Ray Data's own cost per image
     python bench/fleet.py --batches-per-block 1 auto        # one GPU batch per Ray Data block, and the default
-    python bench/fleet.py --dry-run                         # 4 simulated GPUs, a few dozen images
+    python bench/fleet.py --dry-run                         # 2 simulated GPUs, a few dozen images
 
 In one run it measures the simulated engine alone (the same pools through Ray Data, no encoder, writer, store or
 manifest) as the baseline, then each job: sustained images/s once warm (10 % to 90 % of its images, by the
@@ -364,11 +364,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--engine-only", action="store_true", help="only the simulated engine through Ray Data "
                                                                     "(its rate and the driver's CPU at that rate)")
-    parser.add_argument("--dry-run", action="store_true", help="4 simulated GPUs, 48 images, 10× speed-up")
+    parser.add_argument("--dry-run", action="store_true", help="2 simulated GPUs, 48 images, 10× speed-up")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.dry_run:
-        args.gpus, args.nodes, args.cpus_per_node, args.images, args.speedup = 4, 1, 2, 48, 10.0
+        args.gpus, args.nodes, args.cpus_per_node, args.images, args.speedup = 2, 1, 2, 48, 10.0
         args.shard_size = min(args.shard_size, 16)
     args.size = 1024 if args.full_size else 128
     return args

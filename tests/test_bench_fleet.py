@@ -1,4 +1,4 @@
-"""bench/fleet.py's dry run: a small simulated fleet (4 simulated GPUs on a Ray cluster of its own), the job on rclone
+"""bench/fleet.py's dry run: a small simulated fleet (2 simulated GPUs on a Ray cluster of its own), the job on rclone
 behind the latency proxy, and every figure the bench reports, from one run."""
 
 import json

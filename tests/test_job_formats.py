@@ -159,6 +159,8 @@ def test_preview_draws_a_contact_sheet_and_a_page_whose_links_resolve(outputs, o
         Image.open(root / "preview" / target).verify()  # every thumbnail and full image is there and decodes
 
 
+# Slow: tests/test_kill_anywhere.py (10 kills of a webdataset run) and the S3 kill test cover this more ways.
+@pytest.mark.slow
 def test_a_killed_driver_leaves_every_image_in_exactly_one_finished_shard(ray_local, tiny_checkpoints, tmp_path):
     prompts = write_prompts(tmp_path / "p.parquet", [f"{p}, take {i}" for i in range(4) for p in PROMPTS],
                             row_group_size=6)

@@ -78,7 +78,7 @@ def stored_images(output, output_format: str, ext: str) -> list[str]:
     ("rclone", "webdataset"),
     pytest.param("rclone", "files", marks=pytest.mark.slow),
     pytest.param("rclone", "parquet", marks=pytest.mark.slow),
-    pytest.param("moto", "files", marks=pytest.mark.own_ray),
+    pytest.param("moto", "files", marks=[pytest.mark.slow, pytest.mark.own_ray]),
     pytest.param("moto", "webdataset", marks=[pytest.mark.slow, pytest.mark.own_ray]),
     pytest.param("moto", "parquet", marks=[pytest.mark.slow, pytest.mark.own_ray]),
 ])
