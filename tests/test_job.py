@@ -220,6 +220,8 @@ def test_an_image_that_cannot_be_encoded_fails_alone(faulted_run):
     assert summary["generated_now"] == 5 and summary["failed_now"] == 1 and summary["output"] == str(faulted_run.out)
 
 
+# Slow: the everyday S3 kill test (tests/test_s3_stores.py) and tests/test_kill_anywhere.py cover a kill and its resume.
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed(ray_local, tiny_checkpoints, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "prompts.parquet", [f"{p}, take {i}" for i in range(4) for p in PROMPTS],
                             row_group_size=4)
@@ -390,54 +392,39 @@ def test_a_job_of_two_sizes_runs_full_batches_of_one_size(ray_local, tiny_checkp
         ("prior", 128): [4, 2], ("prior", 256): [4, 1], ("decoder", 128): [4, 2], ("decoder", 256): [4, 1]}
 
 
-def test_blocks_of_several_batches_make_the_same_images_in_batches_of_the_placements_size(
+def test_a_fused_placement_with_blocks_of_several_batches_makes_the_same_images_as_two_pools(
         ray_local, tiny_checkpoints, tmp_path, monkeypatch):
-    """Blocks of three prior batches (batches_per_block) through fused actors, whose prior and decoder stages each
-    cut them into model batches of their own size (as they do in two pools), make the images of one batch per block
-    in two pools."""
+    """One pool whose actors hold both halves, fed blocks of three prior batches (batches_per_block), against two
+    pools fed one batch per block: the same images, and in both each stage runs model batches of its own placement
+    size (the stages' batch log). The run record names the operators that ran, with their busy and backpressure
+    seconds, and the rows per block."""
     log = tmp_path / "batches"
     log.mkdir()
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"batch_log": str(log)}))
     prompts = write_prompts(tmp_path / "prompts.parquet", [f"prompt {i}" for i in range(7)])
-    digests, batches = {}, {}
-    for name, placement in (("one batch", {"batches_per_block": 1}),
-                            ("three, fused", {"batches_per_block": 3, "fused": True, "decoder_cpus": 1.0})):
-        out = tmp_path / name
+    digests, dataflow, batches = {}, {}, {}
+    for fused in (False, True):
+        out = tmp_path / f"out-{'fused' if fused else 'two-pools'}"
+        placement = {"fused": True, "decoder_cpus": 1.0, "batches_per_block": 3} if fused else {"batches_per_block": 1}
         spec = make_spec(tiny_checkpoints, prompts, out, prior_steps=2, decoder_steps=2,
                          placement={**placement, "prior_batch_size": 2, "decoder_batch_size": 2})
         result = run_job(spec, progress=False)
         assert result.exit_code == 0 and result.summary["status"] == {"ok": 7, "failed": 0}
-        digests[name] = {key: row["sha256"] for key, row in ok_rows(open_output(str(out))).items()}
-        operators = [op["operator"] for op in read_runs(open_output(str(out)))[-1]["dataflow"]]
-        rows = 2 * placement["batches_per_block"]
-        assert any(f"num_rows_per_block={rows}," in op for op in operators), operators
-        batches[name] = sorted(json.loads(p.read_text())["images"] for p in log.iterdir())
-        for path in log.iterdir():
-            path.unlink()
-    assert len(digests["one batch"]) == 7 and digests["three, fused"] == digests["one batch"]
-    assert batches == dict.fromkeys(digests, [1, 1, 2, 2, 2, 2, 2, 2])  # prior and decoder: 2 + 2 + 2 + 1 each
-
-
-def test_a_fused_placement_makes_the_same_images_as_two_pools(ray_local, tiny_checkpoints, tmp_path):
-    """One pool whose actors hold both halves (the decoder in batches of decoder_batch_size) against the two
-    pools; the run record names the operators that ran, with their busy and backpressure seconds."""
-    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS[:4])
-    digests, dataflow = {}, {}
-    for fused in (False, True):
-        out = tmp_path / f"out-{'fused' if fused else 'two-pools'}"
-        placement = {"fused": True, "decoder_cpus": 1.0} if fused else {}
-        spec = make_spec(tiny_checkpoints, prompts, out, placement={**placement, "decoder_batch_size": 2})
-        result = run_job(spec, progress=False)
-        assert result.exit_code == 0 and result.summary["status"] == {"ok": 4, "failed": 0}
         digests[fused] = {key: row["sha256"] for key, row in ok_rows(open_output(str(out))).items()}
         dataflow[fused] = read_runs(open_output(str(out)))[-1]["dataflow"]
-    assert len(digests[True]) == 4 and digests[True] == digests[False]
+        batches[fused] = sorted(json.loads(p.read_text())["images"] for p in log.iterdir())
+        for path in log.iterdir():
+            path.unlink()
+    assert len(digests[True]) == 7 and digests[True] == digests[False]
+    assert batches == dict.fromkeys(digests, [1, 1, 2, 2, 2, 2, 2, 2])  # prior and decoder: 2 + 2 + 2 + 1 each
     stages = {fused: [op["operator"] for op in ops if "Stage" in op["operator"]] for fused, ops in dataflow.items()}
     assert stages == {True: ["MapBatches(FusedStage)"],
                       False: ["MapBatches(PriorStage)", "MapBatches(DecoderStage)"]}, stages
-    for ops in dataflow.values():
+    for fused, ops in dataflow.items():
+        rows = 6 if fused else 2
+        assert any(f"num_rows_per_block={rows}," in op["operator"] for op in ops), ops
         assert "encode_images" in ops[-1]["operator"]  # in dataflow order, the encoders (with the writers) last
         for op in ops:
             if "Stage" in op["operator"]:
-                assert op["busy_s"] > 0 and op["rows"] == 4 and op["ended"] > op["started"] > 0, op
+                assert op["busy_s"] > 0 and op["rows"] == 7 and op["ended"] > op["started"] > 0, op
                 assert op["output_backpressure_s"] >= 0 and op["submission_backpressure_s"] >= 0

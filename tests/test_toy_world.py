@@ -102,7 +102,7 @@ def colour_shares(toy, scenes, prompts, **options) -> list[float]:
 
 
 def test_a_negative_prompt_naming_the_shapes_colour_lowers_its_share(toy):
-    scenes = toy_world.held_out_scenes(33, seed=3)
+    scenes = toy_world.held_out_scenes(22, seed=3)
     captions = [s.caption for s in scenes]
     plain = colour_shares(toy, scenes, captions)
     negated = colour_shares(toy, scenes, captions, negative_prompts=[s.colour for s in scenes])
@@ -111,7 +111,7 @@ def test_a_negative_prompt_naming_the_shapes_colour_lowers_its_share(toy):
 
 
 def test_compel_weights_on_the_shapes_colour_move_its_share_their_way(toy):
-    scenes = toy_world.held_out_scenes(33, seed=3)
+    scenes = toy_world.held_out_scenes(22, seed=3)
 
     def weighted(weight: float) -> list[str]:
         return [s.caption.replace(f" {s.colour} ", f" ({s.colour}){weight} ", 1) for s in scenes]

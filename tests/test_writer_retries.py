@@ -31,7 +31,7 @@ SLOW = pytest.mark.slow
 CASES = [
     pytest.param("files", "return", False, id="files-return"),
     pytest.param("files", "store", False, id="files-store", marks=SLOW),
-    pytest.param("webdataset", "return", True, id="webdataset-return-regrouped"),
+    pytest.param("webdataset", "return", True, id="webdataset-return-regrouped", marks=SLOW),
     pytest.param("webdataset", "store", False, id="webdataset-store", marks=SLOW),
     pytest.param("webdataset", "return", False, id="webdataset-return", marks=SLOW),
     pytest.param("parquet", "store", True, id="parquet-store-regrouped"),
