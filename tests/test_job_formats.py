@@ -78,6 +78,8 @@ def test_every_format_holds_the_same_images(outputs):
         assert sorted(read.values()) == sorted(digests["files"].values()), output_format
 
 
+# Slow: the rest of the store × format matrix; tests/test_s3_stores.py runs an S3 job in a shard format every day.
+@pytest.mark.slow
 def test_s3_jobs_in_every_format_hold_the_same_images_as_local_ones(outputs, tiny_checkpoints, prompt_file, s3_env,
                                                                     s3_bucket, tmp_path):
     local = {key: row["sha256"] for key, row in ok_rows(open_output(str(outputs["files"]))).items()}

@@ -205,6 +205,8 @@ def test_an_s3_outage_of_10_s_mid_job_is_ridden_out(_ray_session, own_s3_server,
     assert len(keys) == len(set(keys)) == 12
 
 
+# Slow: tests/test_storage.py rides out the same faults at the storage layer every day.
+@pytest.mark.slow
 @pytest.mark.own_ray
 def test_throttling_errors_and_dropped_connections_are_ridden_out(_ray_session, s3_server, s3_bucket,
                                                                  tiny_checkpoints, tmp_path, monkeypatch):
